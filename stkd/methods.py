@@ -1,0 +1,247 @@
+"""Training methods: a method owns student and teacher and turns a batch into named loss terms.
+
+``forward_train(x, y)`` returns ``(student_logits, {term: weighted_loss})``; the terms sum to the
+training loss, so the trainer can log each by name. ``create(name, student, teacher, **hparams)``
+builds one and validates its hyperparameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stkd.losses import dkd_loss, kd_loss, mixed_cross_entropy, soft_target_loss
+from stkd.mixup import mix
+
+TEACHER_TARGETS = ("mixed_input", "mixed_output")
+
+
+class Method(nn.Module):
+    """Base class: holds the student (trainable) and an optional frozen teacher."""
+
+    defaults: dict[str, Any] = {}
+    weight_names: tuple[str, ...] = ()
+    needs_teacher = True
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, **hparams: Any) -> None:
+        super().__init__()
+        self.hparams = validate_hparams(type(self), teacher, hparams)
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            freeze(teacher)
+        self.epoch = 0
+
+    def train(self, mode: bool = True) -> "Method":
+        # The teacher stays in eval mode (BatchNorm statistics fixed) whatever the caller asks.
+        self.training = mode
+        self.student.train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the method the current epoch (0-based); used by schedules such as DKD's warm-up."""
+        self.epoch = epoch
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer should see: the student's only."""
+        return list(self.student.parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    @torch.no_grad()
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.teacher is not None
+        return self.teacher(x)
+
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class CE(Method):
+    """The student alone with cross-entropy: baselines and teacher training."""
+
+    needs_teacher = False
+
+    def forward_train(self, x, y):
+        logits = self.student(x)
+        return logits, {"ce": F.cross_entropy(logits.float(), y)}
+
+
+class KD(Method):
+    """Hinton et al. 2015: ``ce_weight * CE + kd_weight * T^2 * KL(p_t || p_s)``."""
+
+    defaults = {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    weight_names = ("ce_weight", "kd_weight")
+
+    def forward_train(self, x, y):
+        h = self.hparams
+        logits = self.student(x)
+        t_logits = self.teacher_logits(x)
+        return logits, {
+            "ce": h["ce_weight"] * F.cross_entropy(logits.float(), y),
+            "kd": h["kd_weight"] * kd_loss(logits, t_logits, h["temperature"]),
+        }
+
+
+class DKD(Method):
+    """Decoupled KD (Zhao et al., CVPR 2022) with its linear warm-up of the KD terms.
+
+    ``tckd_weight`` and ``nckd_weight`` are the paper's alpha and beta.
+    """
+
+    defaults = {"temperature": 4.0, "ce_weight": 1.0, "tckd_weight": 1.0, "nckd_weight": 8.0, "warmup_epochs": 20}
+    weight_names = ("ce_weight", "tckd_weight", "nckd_weight")
+
+    def warmup_factor(self) -> float:
+        warmup = self.hparams["warmup_epochs"]
+        return 1.0 if warmup <= 0 else min((self.epoch + 1) / warmup, 1.0)
+
+    def forward_train(self, x, y):
+        h = self.hparams
+        logits = self.student(x)
+        t_logits = self.teacher_logits(x)
+        ramp = self.warmup_factor()
+        return logits, {
+            "ce": h["ce_weight"] * F.cross_entropy(logits.float(), y),
+            "dkd": ramp * dkd_loss(logits, t_logits, y, h["tckd_weight"], h["nckd_weight"], h["temperature"]),
+        }
+
+
+class STKD(Method):
+    """Similarity transfer KD on mixup virtual samples (after Zhao et al., arXiv 2103.10047).
+
+    For a batch, ``lam ~ Beta(mixup_alpha, mixup_alpha)`` and a permutation ``p`` make virtual
+    samples ``xm = lam * x + (1 - lam) * x[p]``; the student sees ``xm`` and is trained with
+
+        ce_weight * (lam * CE(s(xm), y) + (1 - lam) * CE(s(xm), y[p]))
+        + kd_weight * T^2 * KL(q_t || softmax(s(xm) / T))
+        [+ clean_kd_weight * T^2 * KL(softmax(t(x)/T) || softmax(s(x)/T))]
+
+    The paper's exact formula is not public. ``teacher_target`` selects the variant the studies
+    compare: ``mixed_input`` (default) takes ``q_t = softmax(t(xm) / T)``, the teacher's view of
+    the virtual sample; ``mixed_output`` takes ``lam * softmax(t(x)/T) + (1 - lam) * softmax(t(x[p])/T)``.
+    ``mixup_alpha = 0`` means no mixing (``lam = 1``). ``generator`` (a CPU torch.Generator) makes
+    the draws of ``lam`` and ``p`` reproducible.
+    """
+
+    defaults = {
+        "temperature": 4.0,
+        "ce_weight": 0.1,
+        "kd_weight": 0.9,
+        "mixup_alpha": 1.0,
+        "teacher_target": "mixed_input",
+        "clean_kd_weight": 0.0,
+    }
+    weight_names = ("ce_weight", "kd_weight", "clean_kd_weight")
+
+    def __init__(self, student, teacher=None, generator: torch.Generator | None = None, **hparams):
+        super().__init__(student, teacher, **hparams)
+        self.generator = generator
+        self.last_mix: tuple[torch.Tensor, float] | None = None
+
+    def forward_train(self, x, y):
+        h = self.hparams
+        temperature = h["temperature"]
+        xm, perm, lam = mix(x, h["mixup_alpha"], self.generator)
+        self.last_mix = (perm, lam)
+        need_clean_teacher = h["teacher_target"] == "mixed_output" or h["clean_kd_weight"] > 0
+        t_clean = self.teacher_logits(x) if need_clean_teacher else None
+
+        if h["teacher_target"] == "mixed_input":
+            t_mixed = self.teacher_logits(xm) if lam != 1.0 or t_clean is None else t_clean
+            q_t = F.softmax(t_mixed.float() / temperature, dim=1)
+        else:
+            p_clean = F.softmax(t_clean.float() / temperature, dim=1)
+            q_t = lam * p_clean + (1.0 - lam) * p_clean.index_select(0, perm)
+
+        if h["clean_kd_weight"] > 0 and lam != 1.0:
+            # One student pass over clean and mixed samples together keeps BatchNorm statistics shared.
+            both = self.student(torch.cat([xm, x]))
+            logits, s_clean = both[: x.shape[0]], both[x.shape[0]:]
+        else:
+            logits = self.student(xm)
+            s_clean = logits
+
+        terms = {
+            "ce": h["ce_weight"] * mixed_cross_entropy(logits, y, y.index_select(0, perm), lam),
+            "kd": h["kd_weight"] * soft_target_loss(logits, q_t, temperature),
+        }
+        if h["clean_kd_weight"] > 0:
+            terms["clean_kd"] = h["clean_kd_weight"] * kd_loss(s_clean, t_clean, temperature)
+        return logits, terms
+
+
+REGISTRY: dict[str, type[Method]] = {"ce": CE, "kd": KD, "dkd": DKD, "stkd": STKD}
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def hparam_defaults(name: str) -> dict[str, Any]:
+    """The hyperparameters method ``name`` takes, with their defaults."""
+    return dict(method_class(name).defaults)
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(names())}") from None
+
+
+def create(
+    name: str, student: nn.Module, teacher: nn.Module | None = None, **hparams: Any
+) -> Method:
+    """Build method ``name`` around ``student`` (and ``teacher``); ValueError on bad hyperparameters."""
+    return method_class(name)(student, teacher, **hparams)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: a teacher is never trained."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def validate_hparams(cls: type[Method], teacher: nn.Module | None, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``hparams`` over the defaults and check them; each failure names parameter and value."""
+    name = next((k for k, v in REGISTRY.items() if v is cls), cls.__name__)
+    unknown = sorted(set(hparams) - set(cls.defaults))
+    if unknown:
+        known = ", ".join(sorted(cls.defaults)) or "none"
+        raise ValueError(f"method {name!r} got unknown hyperparameter(s) {unknown}; it takes: {known}")
+    if cls.needs_teacher and teacher is None:
+        raise ValueError(f"method {name!r} needs a teacher, got teacher=None")
+    if not cls.needs_teacher and teacher is not None:
+        raise ValueError(f"method {name!r} trains the student alone and takes no teacher")
+    merged = {**cls.defaults, **hparams}
+    for key, value in merged.items():
+        default = cls.defaults[key]
+        if isinstance(default, str):
+            if value not in TEACHER_TARGETS:
+                raise ValueError(f"{key} must be one of {list(TEACHER_TARGETS)}, got {value!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        merged[key] = type(default)(value) if isinstance(default, float) else value
+    if "temperature" in merged and not merged["temperature"] > 0:
+        raise ValueError(f"temperature must be > 0, got {merged['temperature']}")
+    if "mixup_alpha" in merged and not merged["mixup_alpha"] >= 0:
+        raise ValueError(f"mixup_alpha must be >= 0, got {merged['mixup_alpha']}")
+    if "warmup_epochs" in merged and merged["warmup_epochs"] < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {merged['warmup_epochs']}")
+    for key in cls.weight_names:
+        if not merged[key] >= 0:
+            raise ValueError(f"{key} must be >= 0, got {merged[key]}")
+    if cls.weight_names and all(merged[k] == 0 for k in cls.weight_names):
+        weights = {k: merged[k] for k in cls.weight_names}
+        raise ValueError(f"loss weights must not all be zero, got {weights}")
+    return merged
