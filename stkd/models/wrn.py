@@ -68,9 +68,9 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         ch = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(in_channels, ch[0], kernel_size=3, stride=1, padding=1, bias=False)
-        self.block1 = self._stage(n, ch[0], ch[1], 1, drop_rate)
-        self.block2 = self._stage(n, ch[1], ch[2], 2, drop_rate)
-        self.block3 = self._stage(n, ch[2], ch[3], 2, drop_rate)
+        self.block1 = NetworkBlock(n, ch[0], ch[1], 1, drop_rate)
+        self.block2 = NetworkBlock(n, ch[1], ch[2], 2, drop_rate)
+        self.block3 = NetworkBlock(n, ch[2], ch[3], 2, drop_rate)
         self.bn1 = nn.BatchNorm2d(ch[3])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(ch[3], num_classes)
@@ -83,10 +83,6 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
-
-    @staticmethod
-    def _stage(n: int, in_planes: int, out_planes: int, stride: int, drop_rate: float) -> NetworkBlock:
-        return NetworkBlock(n, in_planes, out_planes, stride, drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits of shape (N, num_classes)."""

@@ -1,0 +1,105 @@
+"""ShuffleNetV2 for CIFAR (CRD's ``ShuffleV2``: net_size=1, widths 116/232/464, 1024 head)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .shufflenetv1 import channel_shuffle
+
+CONFIGS: dict[float, dict[str, tuple[int, ...]]] = {
+    0.5: {"out_channels": (48, 96, 192, 1024), "num_blocks": (3, 7, 3)},
+    1: {"out_channels": (116, 232, 464, 1024), "num_blocks": (3, 7, 3)},
+    1.5: {"out_channels": (176, 352, 704, 1024), "num_blocks": (3, 7, 3)},
+    2: {"out_channels": (224, 488, 976, 2048), "num_blocks": (3, 7, 3)},
+}
+
+
+class BasicBlock(nn.Module):
+    """Channel split; one half goes through 1x1 -> dw3x3 -> 1x1, then concat and shuffle."""
+
+    def __init__(self, in_channels: int, split_ratio: float = 0.5) -> None:
+        super().__init__()
+        self.split_ratio = split_ratio
+        c = int(in_channels * split_ratio)
+        self.conv1 = nn.Conv2d(c, c, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1, groups=c, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = int(x.size(1) * self.split_ratio)
+        x1, x2 = x[:, :c], x[:, c:]
+        out = F.relu(self.bn1(self.conv1(x2)))
+        out = self.bn2(self.conv2(out))
+        out = F.relu(self.bn3(self.conv3(out)))
+        return channel_shuffle(torch.cat([x1, out], 1), 2)
+
+
+class DownBlock(nn.Module):
+    """Stride-2 unit: both branches downsample, outputs are concatenated and shuffled."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        mid = out_channels // 2
+        # left
+        self.conv1 = nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=1, groups=in_channels, bias=False)
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv2 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        # right
+        self.conv3 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(mid)
+        self.conv4 = nn.Conv2d(mid, mid, 3, stride=2, padding=1, groups=mid, bias=False)
+        self.bn4 = nn.BatchNorm2d(mid)
+        self.conv5 = nn.Conv2d(mid, mid, kernel_size=1, bias=False)
+        self.bn5 = nn.BatchNorm2d(mid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left = self.bn1(self.conv1(x))
+        left = F.relu(self.bn2(self.conv2(left)))
+        right = F.relu(self.bn3(self.conv3(x)))
+        right = self.bn4(self.conv4(right))
+        right = F.relu(self.bn5(self.conv5(right)))
+        return channel_shuffle(torch.cat([left, right], 1), 2)
+
+
+class ShuffleNetV2(nn.Module):
+    """CIFAR ShuffleNetV2: 1x1 stem (no downsampling), three stages, 1x1 head conv."""
+
+    def __init__(self, net_size: float = 1, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        out_channels = CONFIGS[net_size]["out_channels"]
+        num_blocks = CONFIGS[net_size]["num_blocks"]
+        self.conv1 = nn.Conv2d(in_channels, 24, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.in_channels = 24
+        self.layer1 = self._make_layer(out_channels[0], num_blocks[0])
+        self.layer2 = self._make_layer(out_channels[1], num_blocks[1])
+        self.layer3 = self._make_layer(out_channels[2], num_blocks[2])
+        self.conv2 = nn.Conv2d(out_channels[2], out_channels[3], kernel_size=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels[3])
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(out_channels[3], num_classes)
+        # No explicit init: the CRD original keeps PyTorch's default initialisation.
+
+    def _make_layer(self, out_channels: int, num_blocks: int) -> nn.Sequential:
+        layers: list[nn.Module] = [DownBlock(self.in_channels, out_channels)]
+        layers.extend(BasicBlock(out_channels) for _ in range(num_blocks))
+        self.in_channels = out_channels
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits of shape (N, num_classes)."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return self.linear(torch.flatten(self.avgpool(out), 1))
+
+
+def ShuffleV2(num_classes: int, in_channels: int = 3) -> ShuffleNetV2:  # noqa: N802 (registry name)
+    """ShuffleNetV2 with net_size=1."""
+    return ShuffleNetV2(1, num_classes, in_channels)
