@@ -23,14 +23,23 @@ class Method(nn.Module):
     """Base class: holds the student (trainable) and an optional frozen teacher."""
 
     defaults: dict[str, Any] = {}
+    terms: tuple[str, ...] = ("ce",)
     weight_names: tuple[str, ...] = ()
     needs_teacher = True
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, **hparams: Any) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        generator: torch.Generator | None = None,
+        **hparams: Any,
+    ) -> None:
         super().__init__()
         self.hparams = validate_hparams(type(self), teacher, hparams)
         self.student = student
         self.teacher = teacher
+        # A CPU generator for the method's random draws (mixup), so runs are reproducible.
+        self.generator = generator
         if teacher is not None:
             freeze(teacher)
         self.epoch = 0
@@ -46,6 +55,10 @@ class Method(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Tell the method the current epoch (0-based); used by schedules such as DKD's warm-up."""
         self.epoch = epoch
+
+    def term_names(self) -> tuple[str, ...]:
+        """The names of the loss terms ``forward_train`` returns, known before the first batch."""
+        return self.terms
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer should see: the student's only."""
@@ -77,6 +90,7 @@ class KD(Method):
     """Hinton et al. 2015: ``ce_weight * CE + kd_weight * T^2 * KL(p_t || p_s)``."""
 
     defaults = {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    terms = ("ce", "kd")
     weight_names = ("ce_weight", "kd_weight")
 
     def forward_train(self, x, y):
@@ -97,6 +111,7 @@ class DKD(Method):
 
     defaults = {"temperature": 4.0, "ce_weight": 1.0, "tckd_weight": 1.0, "nckd_weight": 8.0, "warmup_epochs": 20}
     weight_names = ("ce_weight", "tckd_weight", "nckd_weight")
+    terms = ("ce", "dkd")
 
     def warmup_factor(self) -> float:
         warmup = self.hparams["warmup_epochs"]
@@ -140,10 +155,12 @@ class STKD(Method):
     }
     weight_names = ("ce_weight", "kd_weight", "clean_kd_weight")
 
-    def __init__(self, student, teacher=None, generator: torch.Generator | None = None, **hparams):
-        super().__init__(student, teacher, **hparams)
-        self.generator = generator
+    def __init__(self, student, teacher=None, generator=None, **hparams):
+        super().__init__(student, teacher, generator, **hparams)
         self.last_mix: tuple[torch.Tensor, float] | None = None
+
+    def term_names(self) -> tuple[str, ...]:
+        return ("ce", "kd", "clean_kd") if self.hparams["clean_kd_weight"] > 0 else ("ce", "kd")
 
     def forward_train(self, x, y):
         h = self.hparams
@@ -197,10 +214,14 @@ def method_class(name: str) -> type[Method]:
 
 
 def create(
-    name: str, student: nn.Module, teacher: nn.Module | None = None, **hparams: Any
+    name: str,
+    student: nn.Module,
+    teacher: nn.Module | None = None,
+    generator: torch.Generator | None = None,
+    **hparams: Any,
 ) -> Method:
     """Build method ``name`` around ``student`` (and ``teacher``); ValueError on bad hyperparameters."""
-    return method_class(name)(student, teacher, **hparams)
+    return method_class(name)(student, teacher, generator, **hparams)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -1,0 +1,143 @@
+"""The ``stkd`` command line: prepare, teacher, distill, tune, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any, Sequence
+
+log = logging.getLogger("stkd")
+
+EPILOG = "Overrides: dotted keys after the options, e.g. optim.lr=0.1 method.temperature=6 train.workers=2"
+
+
+def interrupt_on_sigterm() -> None:
+    """`ray job stop` and schedulers send SIGTERM: turn it into KeyboardInterrupt so runs end FAILED, not RUNNING."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="recipe YAML path or shipped recipe name (pipeline/recipes)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, section.key=value")
+
+
+def load_config(args: argparse.Namespace, **sections: Any) -> dict[str, Any]:
+    from pipeline import config
+
+    return config.load(args.recipe, args.overrides, **sections)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pipeline import prepare
+
+    return prepare.run(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline import run
+    from pipeline.dataset import PreparedDataset
+    from pipeline.tracking import tracking_uri
+
+    sections: dict[str, Any] = {}
+    if getattr(args, "teacher", None):
+        sections["teacher"] = {"source": args.teacher}
+    cfg = load_config(args, **sections)
+    if args.command == "teacher":
+        if cfg["method"]["name"] != "ce":
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"`stkd teacher` trains with method 'ce'; the recipe says {cfg['method']['name']!r}")
+        if not cfg["mlflow"]["register_as"]:
+            dataset_name = PreparedDataset.open(cfg["data"]["path"], verify=False).name
+            cfg["mlflow"]["register_as"] = f"teacher-{dataset_name}-{cfg['model']['student']}"
+    outcome = run.train(cfg)
+    print(f"run {outcome.run_name} ({outcome.run_id}): best top-1 {outcome.best_top1:.2f}%, "
+          f"last {outcome.last_top1:.2f}%, {outcome.wall_time_s:.0f} s")
+    print(f"model: {outcome.model_uri}" + (f"  registered as {cfg['mlflow']['register_as']}"
+                                           if cfg["mlflow"]["register_as"] else ""))
+    print(f"checkpoint: {outcome.checkpoint_path}")
+    print(f"browse: mlflow ui --backend-store-uri {tracking_uri(cfg)}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline import tune
+
+    return tune.run_cli(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline import demo
+
+    return demo.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stkd", description="STKD knowledge distillation on Ray, logged to MLflow.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="turn a dataset into Parquet shards + manifest")
+    from pipeline import prepare
+
+    prepare.add_arguments(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("teacher", help="train a teacher (method ce) and register it in MLflow", epilog=EPILOG)
+    add_recipe_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="train a student with a teacher shared through the object store",
+                       epilog=EPILOG)
+    add_recipe_arguments(p)
+    p.add_argument("--teacher", help="registered model name[/version], models:/ URI, or checkpoint path "
+                                     "(overrides teacher.source)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over a search space", epilog=EPILOG)
+    add_recipe_arguments(p)
+    from pipeline import tune
+
+    tune.add_arguments(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("demo", help="the whole pipeline on scikit-learn's digits, in minutes on a laptop")
+    from pipeline import demo
+
+    demo.add_arguments(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    interrupt_on_sigterm()
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.config import ConfigError
+
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError)
+    try:
+        from pipeline.dataset import DatasetError
+        from pipeline.prepare import PrepareError
+
+        user_errors += (DatasetError, PrepareError)
+    except ImportError:
+        pass
+    try:
+        return args.func(args)
+    except user_errors as e:
+        print(f"stkd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stkd {args.command}: interrupted", file=sys.stderr)
+        return 130

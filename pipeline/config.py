@@ -1,0 +1,256 @@
+"""Experiment configuration: YAML recipes, dotted overrides, validation before anything is scheduled.
+
+A recipe is a nested mapping; ``base:`` names another recipe it extends. The resolved config is a
+plain dict (logged whole to MLflow). Every problem is collected into one ``ConfigError`` whose
+message a user can act on.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stkd import methods, models
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+# Every key the config takes, with its default; the default's type is the expected type unless
+# TYPES says otherwise (for keys whose default is None or that accept several types).
+DEFAULTS: dict[str, Any] = {
+    "name": "stkd",
+    "data": {
+        "path": None,
+        "in_memory": True,
+        "crop_padding": 4,
+        "flip": True,
+        "eval_batch_size": 512,
+    },
+    "model": {"student": None},
+    "teacher": {"source": None, "evaluate": True},
+    "method": {"name": "ce"},
+    "optim": {
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "nesterov": False,
+        "batch_size": 64,
+        "epochs": 240,
+        "milestones": [150, 180, 210],
+        "gamma": 0.1,
+    },
+    "train": {
+        "workers": 1,
+        "use_gpu": False,
+        "cpus_per_worker": 1.0,
+        "gpus_per_worker": 1.0,
+        "bf16": "auto",
+        "channels_last": "auto",
+        "compile": False,
+        "seed": 0,
+        "checkpoint_every": 10,
+        "max_failures": 0,
+        "storage_path": "runs",
+        "run_name": None,
+    },
+    "mlflow": {"tracking_uri": None, "experiment": "stkd", "register_as": None},
+}
+
+TYPES: dict[str, tuple[type, ...]] = {
+    "data.path": (str,),
+    "model.student": (str,),
+    "teacher.source": (str, type(None)),
+    "train.bf16": (bool, str),
+    "train.channels_last": (bool, str),
+    "train.run_name": (str, type(None)),
+    "mlflow.tracking_uri": (str, type(None)),
+    "mlflow.register_as": (str, type(None)),
+    "optim.lr": (int, float),
+    "optim.momentum": (int, float),
+    "optim.weight_decay": (int, float),
+    "optim.gamma": (int, float),
+    "train.cpus_per_worker": (int, float),
+    "train.gpus_per_worker": (int, float),
+}
+
+
+class ConfigError(ValueError):
+    """The resolved configuration is invalid; the message lists every problem found."""
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file by path, or by name among the shipped recipes (``pipeline/recipes``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / path, RECIPES_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise ConfigError(f"recipe {str(name_or_path)!r} not found (not a file, not a shipped recipe: {shipped})")
+
+
+def read_recipe(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe and the chain of ``base:`` recipes it extends, merged."""
+    path = find_recipe(name_or_path).resolve()
+    if path in _seen:
+        raise ConfigError(f"recipe {path} extends itself through 'base'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = path.parent / base if (path.parent / base).is_file() else base
+    return merge(read_recipe(base_path, _seen + (path,)), data)
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``top`` wins."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.1", "method.temperature=6"]`` to a nested dict; values parsed as YAML."""
+    pairs = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        pairs[key] = yaml.safe_load(raw) if raw else None
+    return nest(pairs)
+
+
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim.lr": 0.1}`` to ``{"optim": {"lr": 0.1}}``."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load(recipe: str | Path | None = None, overrides: list[str] | None = None, **sections: Any) -> dict[str, Any]:
+    """Resolve a config: defaults <- recipe <- keyword sections <- dotted overrides; then validate."""
+    config = copy.deepcopy(DEFAULTS)
+    if recipe is not None:
+        config = merge(config, read_recipe(recipe))
+    if sections:
+        config = merge(config, sections)
+    if overrides:
+        config = merge(config, parse_overrides(overrides))
+    return validate(config)
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Check keys, types and values; fill method defaults. Raises ConfigError listing all problems."""
+    problems: list[str] = []
+    check_keys(config, DEFAULTS, "", problems)
+    method_name = config.get("method", {}).get("name")
+    if method_name not in methods.REGISTRY:
+        problems.append(f"method.name: unknown method {method_name!r}; known: {', '.join(methods.names())}")
+    else:
+        hparams = {k: v for k, v in config["method"].items() if k != "name"}
+        # A recipe may carry hyperparameters of other methods (switching method.name on the command
+        # line); those are dropped. A key no method takes is a typo and is reported.
+        takes = methods.method_class(method_name).defaults
+        any_method = set().union(*(cls.defaults for cls in methods.REGISTRY.values()))
+        for key in sorted(set(hparams) - set(takes)):
+            if key in any_method:
+                del hparams[key]
+        try:
+            teacher_marker = None if method_name == "ce" else object()
+            resolved = methods.validate_hparams(methods.method_class(method_name), teacher_marker, hparams)
+            config["method"] = {"name": method_name, **resolved}
+        except ValueError as e:
+            problems.append(f"method: {e}")
+        if method_name != "ce" and not config["teacher"]["source"]:
+            problems.append(f"teacher.source: method {method_name!r} needs a teacher (registered model name, "
+                            "models:/ URI or checkpoint path)")
+        if method_name == "ce" and config["teacher"]["source"]:
+            problems.append("teacher.source: method 'ce' trains without a teacher; remove teacher.source")
+    student = config["model"].get("student")
+    if student is not None and student not in models.names():
+        problems.append(f"model.student: unknown model {student!r}; known: {', '.join(models.names())}")
+    for key in ("data.path", "model.student"):
+        section, name = key.split(".")
+        if config[section].get(name) is None:
+            problems.append(f"{key}: required")
+    check_values(config, problems)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def check_keys(config: Any, defaults: dict[str, Any], prefix: str, problems: list[str]) -> None:
+    if not isinstance(config, dict):
+        problems.append(f"{prefix.rstrip('.')}: must be a mapping, got {config!r}")
+        return
+    for key, value in config.items():
+        dotted = prefix + key
+        if prefix == "method.":
+            continue  # method hyperparameters are checked against the method itself
+        if key not in defaults:
+            known = ", ".join(sorted(defaults))
+            problems.append(f"{dotted}: unknown key (known here: {known})")
+            continue
+        default = defaults[key]
+        if isinstance(default, dict):
+            check_keys(value, default, dotted + ".", problems)
+            continue
+        expected = TYPES.get(dotted) or (type(default),)
+        ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
+        if value is None and type(None) not in expected and dotted not in ("data.path", "model.student"):
+            ok = False
+        if not ok and value is not None:
+            names = " or ".join(t.__name__ for t in expected if t is not type(None))
+            problems.append(f"{dotted}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def check_values(config: dict[str, Any], problems: list[str]) -> None:
+    optim, train = config["optim"], config["train"]
+    positive = {"optim.lr": optim["lr"], "optim.batch_size": optim["batch_size"], "optim.epochs": optim["epochs"],
+                "train.workers": train["workers"], "train.checkpoint_every": train["checkpoint_every"],
+                "data.eval_batch_size": config["data"]["eval_batch_size"]}
+    for key, value in positive.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            problems.append(f"{key}: must be > 0, got {value}")
+    if isinstance(optim["batch_size"], int) and isinstance(train["workers"], int) and optim["batch_size"] < train["workers"]:
+        problems.append(f"optim.batch_size ({optim['batch_size']}) is the global batch and must be >= train.workers "
+                        f"({train['workers']})")
+    if not isinstance(optim["milestones"], list) or not all(isinstance(m, int) for m in optim["milestones"]):
+        problems.append(f"optim.milestones: expected a list of epochs (integers), got {optim['milestones']!r}")
+    for key in ("bf16", "channels_last"):
+        if isinstance(train[key], str) and train[key] != "auto":
+            problems.append(f"train.{key}: expected true, false or 'auto', got {train[key]!r}")
+
+
+def new_run_name(config: dict[str, Any]) -> str:
+    """A name no earlier run has: Ray resumes any run whose (storage_path, name) already exists."""
+    return config["train"]["run_name"] or f"{config['name']}-{uuid.uuid4().hex[:8]}"
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` to ``{"optim.lr": 0.1}`` (MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

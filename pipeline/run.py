@@ -1,0 +1,193 @@
+"""The driver side of a training job: validate, share the teacher, launch Ray Train, log to MLflow.
+
+``train(config)`` serves ``stkd teacher``, ``stkd distill``, the demo and every Tune trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline import checkpoint, config as config_lib, teacher_store, tracking
+from pipeline.dataset import PreparedDataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Teacher:
+    """A teacher loaded once on the driver and put once into the object store."""
+
+    ref: Any
+    uri: str
+    spec: dict[str, Any]
+    accuracy: float | None = None
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    run_name: str
+    best_top1: float
+    last_top1: float
+    wall_time_s: float
+    checkpoint_path: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    model_uri: str | None = None
+
+
+def dataset_info(config: dict[str, Any]) -> dict[str, Any]:
+    """Open (and checksum) the prepared dataset once on the driver; workers get only this summary."""
+    dataset = PreparedDataset.open(config["data"]["path"], verify=True)
+    return {"num_classes": dataset.num_classes, "image_shape": list(dataset.image_shape), "mean": list(dataset.mean),
+            "std": list(dataset.std), "train_rows": dataset.rows("train"), "test_rows": dataset.rows("test"),
+            "path": str(Path(config["data"]["path"]).resolve())}
+
+
+def ensure_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS or started on this machine, or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, logging_level=logging.WARNING)
+
+
+def load_teacher(config: dict[str, Any], info: dict[str, Any]) -> Teacher:
+    """Load the teacher once, check it fits the dataset, measure its test accuracy, ``ray.put`` it once."""
+    state, uri = teacher_store.fetch(config["teacher"]["source"])
+    spec = state["model"]
+    if spec["num_classes"] != info["num_classes"] or spec["in_channels"] != info["image_shape"][2]:
+        raise config_lib.ConfigError(
+            f"teacher {uri} was trained for {spec['num_classes']} classes and {spec['in_channels']} channels; "
+            f"dataset {info['path']} has {info['num_classes']} classes and {info['image_shape'][2]} channels")
+    accuracy = None
+    if config["teacher"]["evaluate"]:
+        model = checkpoint.build_model(spec)
+        model.load_state_dict(state["student"])
+        images, labels = PreparedDataset.open(info["path"], verify=False).load_numpy("test")
+        accuracy = teacher_store.accuracy(model, images, labels, info["mean"], info["std"],
+                                          config["data"]["eval_batch_size"])
+        log.info("teacher %s (%s): test top-1 %.2f%%", uri, spec["name"], accuracy)
+    return Teacher(ref=teacher_store.put(state), uri=uri, spec=spec, accuracy=accuracy)
+
+
+def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name: str, callbacks=None):
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data_feed import unequal_split_data_config
+    from pipeline.train_loop import train_loop_per_worker
+
+    train_cfg = config["train"]
+    resources = {"CPU": train_cfg["cpus_per_worker"]}
+    if train_cfg["use_gpu"]:
+        resources["GPU"] = train_cfg["gpus_per_worker"]
+    datasets, data_config = None, None
+    if not config["data"]["in_memory"]:
+        dataset = PreparedDataset.open(config["data"]["path"], verify=False)
+        datasets = {split: ray.data.read_parquet(dataset.shard_paths(split)) for split in ("train", "test")}
+        data_config = unequal_split_data_config()
+    storage = train_cfg["storage_path"]
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_context,
+        scaling_config=ScalingConfig(num_workers=train_cfg["workers"], use_gpu=train_cfg["use_gpu"],
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=train_cfg["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
+        ),
+        datasets=datasets,
+        **({"dataset_config": data_config} if data_config else {}),
+    )
+
+
+def train(
+    config: dict[str, Any],
+    teacher: Teacher | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    callbacks: list | None = None,
+) -> Outcome:
+    """Run one training job end to end and log it as one MLflow run.
+
+    ``teacher``: an already shared teacher (a sweep shares one across trials); otherwise the
+    config's ``teacher.source`` is loaded here. ``callbacks``: Ray Train callbacks (a Tune trial
+    passes the one that forwards each epoch's report to Tune).
+    """
+    config = config_lib.validate(config)
+    info = dataset_info(config)
+    ensure_ray()
+    run_name = config_lib.new_run_name(config)
+    if teacher is None and config["teacher"]["source"]:
+        teacher = load_teacher(config, info)
+    uri = tracking.tracking_uri(config)
+    tags = {"method": config["method"]["name"], "student": config["model"]["student"], "dataset": info["path"],
+            "seed": str(config["train"]["seed"]), "workers": str(config["train"]["workers"]), **(extra_tags or {})}
+    if teacher is not None:
+        tags.update({"teacher_uri": teacher.uri, "teacher_model": teacher.spec["name"]})
+        if teacher.accuracy is not None:
+            tags["teacher_test_top1"] = f"{teacher.accuracy:.2f}"
+    start = time.perf_counter()
+    with tracking.tracked_run(uri, config["mlflow"]["experiment"], run_name, config_lib.flatten(config), tags,
+                              parent_run_id) as run_id:
+        if teacher is not None and teacher.accuracy is not None:
+            tracking.log_metrics(uri, run_id, {"teacher/test_top1": teacher.accuracy}, step=0)
+        loop_context = {"config": config, "dataset_info": info, "teacher_ref": teacher.ref if teacher else None,
+                        "tracking_uri": uri, "mlflow_run_id": run_id}
+        log.info("run %s: %s %s on %s with %d worker(s)", run_name, config["method"]["name"],
+                 config["model"]["student"], info["path"], config["train"]["workers"])
+        result = make_trainer(config, loop_context, run_name, callbacks).fit()
+        wall = time.perf_counter() - start
+        with result.checkpoint.as_directory() as directory:
+            state = checkpoint.load(directory)
+            outcome = Outcome(run_id=run_id, run_name=run_name, best_top1=state["best_acc"],
+                              last_top1=state["history"][-1]["test/top1"], wall_time_s=wall,
+                              checkpoint_path=result.checkpoint.path, history=state["history"])
+            tracking.log_metrics(uri, run_id, {"final/best_top1": outcome.best_top1,
+                                               "final/last_top1": outcome.last_top1, "final/wall_time_s": wall},
+                                 step=len(state["history"]))
+            outcome.model_uri = log_artifacts(config, state, run_name)
+    return outcome
+
+
+def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str) -> str:
+    """The resolved recipe, the learning curve and the final student (an MLflow PyTorch model)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        recipe = tmp / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(config, sort_keys=False))
+        mlflow.log_artifact(str(recipe))
+        curve = tracking.learning_curve(state["history"], tmp / "learning_curve.png",
+                                        f"{run_name}: {config['method']['name']} {config['model']['student']}")
+        mlflow.log_artifact(str(curve))
+        model = checkpoint.build_model(state["model"])
+        model.load_state_dict(state["student"])
+        weights = checkpoint.save({"model": state["model"], "student": state["student"],
+                                   "best_acc": state["best_acc"]}, tmp / "weights")
+        spec = state["model"]
+        h, w = config_input_size(config)
+        example = np.zeros((1, spec["in_channels"], h, w), dtype=np.float32)
+        info = mlflow.pytorch.log_model(model.eval(), name="model", extra_files=[str(weights)],
+                                        pip_requirements=["torch"], input_example=example,
+                                        registered_model_name=config["mlflow"]["register_as"])
+    return info.model_uri
+
+
+def config_input_size(config: dict[str, Any]) -> tuple[int, int]:
+    shape = PreparedDataset.open(config["data"]["path"], verify=False).image_shape
+    return shape[0], shape[1]

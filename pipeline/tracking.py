@@ -1,0 +1,136 @@
+"""MLflow: one run per job, the whole config as params, per-epoch metrics, a learning-curve plot.
+
+Only the driver and the rank-0 worker write. ``tracked_run`` guarantees a run never stays RUNNING:
+it ends FINISHED, FAILED, or KILLED (interrupted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri(config: dict[str, Any] | None = None) -> str:
+    """``MLFLOW_TRACKING_URI``, else the config's, else a SQLite file in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (config or {}).get("mlflow", {}).get("tracking_uri")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def client(uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def version_tags() -> dict[str, str]:
+    import ray
+    import torch
+
+    return {"git_commit": git_commit(), "ray_version": ray.__version__, "torch_version": torch.__version__}
+
+
+def experiment_id(mlflow_client, name: str) -> str:
+    exp = mlflow_client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else mlflow_client.create_experiment(name)
+
+
+@contextlib.contextmanager
+def tracked_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+) -> Iterator[str]:
+    """Start a run (the active MLflow run in this process), yield its id, and always end it:
+    FINISHED on success, FAILED on any error or interrupt, with the reason in the ``end_reason`` tag.
+    ``resume_run_id`` reopens an earlier run (a resumed sweep keeps its parent run)."""
+    import mlflow
+    from mlflow.entities import Param
+
+    c = client(uri)
+    if resume_run_id:
+        run = mlflow.start_run(run_id=resume_run_id)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id(c, experiment), run_name=run_name,
+                               tags={**version_tags(), **(tags or {})}, parent_run_id=parent_run_id)
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        params_list = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for start in range(0, len(params_list), 100):
+            c.log_batch(run_id, params=params_list[start:start + 100])
+        yield run_id
+        status = "FINISHED"
+    except BaseException as e:
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        c.set_tag(run_id, "end_reason", reason[:5000])
+        raise
+    finally:
+        if mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
+            mlflow.end_run(status)
+        else:
+            c.set_terminated(run_id, status)
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    client(uri).log_batch(run_id, metrics=batch)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def learning_curve(history: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
+    """Loss terms, train and test accuracy per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_keys = sorted({k for h in history for k in h if k.startswith("loss/")})
+    for key in loss_keys:
+        ax_loss.plot(epochs, [h.get(key, float("nan")) for h in history], label=key.removeprefix("loss/"))
+    ax_loss.set(xlabel="epoch", ylabel="weighted loss term", title="loss terms")
+    ax_loss.legend()
+    for key, label in (("train/acc", "train (vs first label)"), ("test/top1", "test top-1"), ("test/top5", "test top-5")):
+        if any(key in h for h in history):
+            ax_acc.plot(epochs, [h.get(key, float("nan")) for h in history], label=label)
+    ax_acc.set(xlabel="epoch", ylabel="accuracy %", title="accuracy")
+    ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,234 @@
+"""The per-worker training function that Ray Train runs on every worker.
+
+One function for teachers (method ``ce``) and students: data in, augmentation on the device,
+``method.forward_train``, the weighted loss terms summed and logged by name. Rank 0 writes
+checkpoints and MLflow metrics; every worker takes part in the evaluation of the whole test split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline import checkpoint, teacher_store, tracking
+from pipeline.data_feed import InMemoryFeed, RayDataFeed
+from pipeline.dataset import PreparedDataset
+from stkd import methods, models
+from stkd.augment import nhwc_to_nchw, normalize, random_crop_flip
+
+log = logging.getLogger(__name__)
+
+
+def resolve_auto(value: bool | str, device: torch.device) -> bool:
+    return device.type == "cuda" if value == "auto" else bool(value)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
+class Step:
+    """Turns a uint8 NHWC batch into a normalized, augmented float batch on the device."""
+
+    def __init__(self, config: dict[str, Any], info: dict[str, Any], device: torch.device, seed: int) -> None:
+        self.mean, self.std = info["mean"], info["std"]
+        self.padding = config["data"]["crop_padding"]
+        self.flip = config["data"]["flip"]
+        self.channels_last = resolve_auto(config["train"]["channels_last"], device)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def train_input(self, images: torch.Tensor) -> torch.Tensor:
+        x = random_crop_flip(nhwc_to_nchw(images), self.padding, self.flip, self.generator)
+        return normalize(x, self.mean, self.std, channels_last=self.channels_last)
+
+    def eval_input(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(nhwc_to_nchw(images), self.mean, self.std, channels_last=self.channels_last)
+
+
+def make_feeds(config, info, rank, world, device):
+    data, optim, seed = config["data"], config["optim"], config["train"]["seed"]
+    if data["in_memory"]:
+        dataset = PreparedDataset.open(info["path"], verify=False)
+        train = InMemoryFeed(dataset, "train", optim["batch_size"], rank, world, device, shuffle=True, seed=seed)
+        test = InMemoryFeed(dataset, "test", data["eval_batch_size"], rank, world, device, shuffle=False)
+        return train, test
+    import ray.train
+
+    local_batch = max(optim["batch_size"] // world, 1)
+    train = RayDataFeed(ray.train.get_dataset_shard("train"), info["image_shape"], local_batch, device, True, seed)
+    test = RayDataFeed(ray.train.get_dataset_shard("test"), info["image_shape"], data["eval_batch_size"], device,
+                       False, seed)
+    return train, test
+
+
+def evaluate(model: torch.nn.Module, feed, step: Step, autocast) -> dict[str, float]:
+    """Top-1/top-5 over the whole test split: per-worker counts summed across workers."""
+    model.eval()
+    device = next(model.parameters()).device
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, seen
+    with torch.inference_mode(), autocast():
+        for images, labels in feed.batches(0):
+            logits = model(step.eval_input(images)).float()
+            k = min(5, logits.shape[1])
+            topk = logits.topk(k, dim=1).indices
+            hits = topk == labels[:, None]
+            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+    top1, top5, seen = all_reduce_sum(counts).tolist()
+    return {"test/top1": 100 * top1 / seen, "test/top5": 100 * top5 / seen, "test/seen": seen}
+
+
+def train_loop_per_worker(ctx: dict[str, Any]) -> None:
+    """Ray Train entry point. ``ctx``: config, dataset info, teacher ObjectRef, MLflow run."""
+    import ray.train
+    import ray.train.torch
+
+    config, info = ctx["config"], ctx["dataset_info"]
+    train_cfg, optim_cfg = config["train"], config["optim"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    seed = train_cfg["seed"]
+
+    torch.manual_seed(seed)  # the same initial student on every worker and every run with this seed
+    spec = checkpoint.model_spec(config["model"]["student"], info["num_classes"], info["image_shape"][2])
+    student = models.create(spec["name"], spec["num_classes"], in_channels=spec["in_channels"]).to(device)
+    channels_last = resolve_auto(train_cfg["channels_last"], device)
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    raw_student = student
+    student = ray.train.torch.prepare_model(student, move_to_device=False)
+    if train_cfg["compile"]:
+        student = torch.compile(student)
+
+    teacher = None
+    if ctx.get("teacher_ref") is not None:
+        shared = ray.get(ctx["teacher_ref"])
+        teacher = teacher_store.build(shared["spec"], shared["arrays"], device)
+        if channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+
+    hparams = {k: v for k, v in config["method"].items() if k != "name"}
+    method_rng = torch.Generator().manual_seed(seed * 7919 + rank)
+    method = methods.create(config["method"]["name"], student, teacher, generator=method_rng, **hparams)
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
+                                weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"])
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, optim_cfg["milestones"], optim_cfg["gamma"])
+    step = Step(config, info, device, seed * 104_729 + rank)
+
+    bf16 = resolve_auto(train_cfg["bf16"], device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    start_epoch, best, history = 0, 0.0, []
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            state = checkpoint.load(directory, map_location=device)
+        raw_student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step.generator.set_state(state["rng"]["augment"][rank % len(state["rng"]["augment"])])
+        method_rng.set_state(state["rng"]["method"][rank % len(state["rng"]["method"])])
+        start_epoch, best, history = state["epoch"] + 1, state["best_acc"], state["history"]
+        log.info("rank %d resumed from epoch %d", rank, state["epoch"])
+
+    train_feed, test_feed = make_feeds(config, info, rank, world, device)
+    uneven = not config["data"]["in_memory"] and world > 1
+    epochs = optim_cfg["epochs"]
+    uri, run_id = ctx.get("tracking_uri"), ctx.get("mlflow_run_id")
+
+    for epoch in range(start_epoch, epochs):
+        method.set_epoch(epoch)
+        method.train()
+        lr = optimizer.param_groups[0]["lr"]
+        term_sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=device)
+        seen = 0
+        start = time.perf_counter()
+        join = student.join() if uneven and hasattr(student, "join") else contextlib.nullcontext()
+        with join:
+            for images, labels in train_feed.batches(epoch):
+                x = step.train_input(images)
+                with autocast():
+                    logits, terms = method.forward_train(x, labels)
+                loss = sum(terms.values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n = len(labels)
+                for name, value in terms.items():
+                    term_sums[name] = term_sums.get(name, 0) + value.detach() * n
+                correct += (logits.detach().argmax(1) == labels).sum()
+                seen += n
+        scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - start
+
+        names = method.term_names()
+        local = torch.stack([term_sums.get(k, torch.zeros((), device=device)).float() for k in names]
+                            + [correct.float(), torch.tensor(float(seen), device=device)]).double()
+        totals = all_reduce_sum(local).tolist()
+        total_seen = totals[-1]
+        metrics = {f"loss/{k}": totals[i] / total_seen for i, k in enumerate(names)}
+        metrics["loss/total"] = sum(metrics.values())
+        metrics.update({"train/acc": 100 * totals[-2] / total_seen, "lr": lr, "epoch_time_s": train_time,
+                        "images_per_s": total_seen / train_time, "epoch": epoch})
+        metrics.update(evaluate(raw_student, test_feed, step, autocast))
+        best = max(best, metrics["test/top1"])
+        metrics["test/best_top1"] = best
+        history.append({k: v for k, v in metrics.items()})
+
+        last = epoch == epochs - 1
+        if (epoch + 1) % train_cfg["checkpoint_every"] == 0 or last:
+            report_with_checkpoint(metrics, {
+                "model": spec, "student": raw_student.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best, "history": history,
+                "rng": gather_rng_states(step.generator, method_rng, world, device), "config_name": config["name"],
+            }, rank)
+        else:
+            ray.train.report(metrics)
+        # Logged after the checkpoint is reported, so an epoch redone after a failure is logged once.
+        if rank == 0 and uri and run_id:
+            tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if rank == 0:
+            log.info("epoch %d/%d %s", epoch + 1, epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+
+
+def gather_rng_states(augment: torch.Generator, method_rng: torch.Generator, world: int, device) -> dict:
+    """Every worker's generator states, so a resumed run draws what an uninterrupted one would."""
+    states = {"augment": augment.get_state(), "method": method_rng.get_state()}
+    if not (dist.is_available() and dist.is_initialized()) or world == 1:
+        return {k: [v] for k, v in states.items()}
+    out = {}
+    for key, state in states.items():
+        gathered = [torch.empty_like(state) for _ in range(world)]
+        if device.type == "cuda":
+            gathered_dev = [torch.empty_like(state, device=device) for _ in range(world)]
+            dist.all_gather(gathered_dev, state.to(device))
+            gathered = [g.cpu() for g in gathered_dev]
+        else:
+            dist.all_gather(gathered, state)
+        out[key] = gathered
+    return out
+
+
+def report_with_checkpoint(metrics: dict[str, float], state: dict[str, Any], rank: int) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint_obj = None
+        if rank == 0:
+            checkpoint.save(state, directory)
+            checkpoint_obj = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint_obj)
