@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import tracking
 from stkd import methods, models
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -154,7 +155,22 @@ def load(recipe: str | Path | None = None, overrides: list[str] | None = None, *
         config = merge(config, sections)
     if overrides:
         config = merge(config, parse_overrides(overrides))
-    return validate(config)
+    return resolve_paths(validate(config))
+
+
+def resolve_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """Make local paths absolute on the driver: Ray workers and Tune trials run in other directories."""
+    def absolute(value: str) -> str:
+        return value if "://" in value else str(Path(value).expanduser().resolve())
+
+    config["data"]["path"] = absolute(config["data"]["path"])
+    config["train"]["storage_path"] = absolute(config["train"]["storage_path"])
+    # The driver's tracking store (MLFLOW_TRACKING_URI, the config, or ./mlflow.db) for every process.
+    config["mlflow"]["tracking_uri"] = tracking.tracking_uri(config)
+    source = config["teacher"]["source"]
+    if source and Path(source).expanduser().exists():
+        config["teacher"]["source"] = absolute(source)
+    return config
 
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:

@@ -199,6 +199,10 @@ def summarize(results, base, space, uri, parent_run_id, name) -> dict[str, Any]:
 
     frame = results.get_dataframe()
     metric = space["metric"]
+    if metric not in frame or frame[metric].isna().all():
+        errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error is not None]
+        raise RuntimeError(f"sweep {name}: no trial reported {metric}; {len(errors)} of {len(results)} trials "
+                           f"failed" + (f", first error: {errors[0]}" if errors else ""))
     best = results.get_best_result(metric=metric, mode="max", scope="all")
     best_params = {k: best.config[k] for k in space["parameters"]}
     best_config = search_space.apply(base, best_params)
