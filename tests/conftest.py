@@ -1,0 +1,52 @@
+"""Shared fixtures: one Ray instance and one MLflow store per test session, digits prepared once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(session_dir) -> str:
+    """A SQLite MLflow store for the whole session, seen by the driver and (through the config) by workers."""
+    uri = f"sqlite:///{session_dir / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One throw-away local Ray for the session. More logical CPUs than cores, so a trial's driver,
+    its two workers and Ray Data tasks never wait on each other on a 2-core machine."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only instance for tests
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits(session_dir) -> Path:
+    from pipeline.prepare import prepare
+
+    out = session_dir / "digits"
+    prepare("digits", out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(digits, session_dir) -> list[str]:
+    return [f"data.path={digits}", f"train.storage_path={session_dir / 'ray_results'}"]
