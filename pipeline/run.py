@@ -137,7 +137,8 @@ def train(
     tags = {"method": config["method"]["name"], "student": config["model"]["student"], "dataset": info["path"],
             "seed": str(config["train"]["seed"]), "workers": str(config["train"]["workers"]), **(extra_tags or {})}
     if teacher is not None:
-        tags.update({"teacher_uri": teacher.uri, "teacher_model": teacher.spec["name"]})
+        tags.update({"teacher_uri": teacher.uri, "teacher_model": teacher.spec["name"],
+                     "teacher_object_id": teacher.ref.hex()})
         if teacher.accuracy is not None:
             tags["teacher_test_top1"] = f"{teacher.accuracy:.2f}"
     start = time.perf_counter()
@@ -145,10 +146,12 @@ def train(
                               parent_run_id) as run_id:
         if teacher is not None and teacher.accuracy is not None:
             tracking.log_metrics(uri, run_id, {"teacher/test_top1": teacher.accuracy}, step=0)
-        loop_context = {"config": config, "dataset_info": info, "teacher_ref": teacher.ref if teacher else None,
-                        "tracking_uri": uri, "mlflow_run_id": run_id}
+        loop_context = {"config": config, "dataset_info": info, "teacher_ref": teacher.ref if teacher else None}
         log.info("run %s: %s %s on %s with %d worker(s)", run_name, config["method"]["name"],
                  config["model"]["student"], info["path"], config["train"]["workers"])
+        from pipeline.epoch_logger import EpochLogger
+
+        callbacks = [EpochLogger(uri, run_id), *(callbacks or [])]
         result = make_trainer(config, loop_context, run_name, callbacks).fit()
         wall = time.perf_counter() - start
         with result.checkpoint.as_directory() as directory:
@@ -181,7 +184,7 @@ def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str) 
                                    "best_acc": state["best_acc"]}, tmp / "weights")
         spec = state["model"]
         h, w = config_input_size(config)
-        example = np.zeros((1, spec["in_channels"], h, w), dtype=np.float32)
+        example = np.zeros((2, spec["in_channels"], h, w), dtype=np.float32)  # batch 1 would be specialized
         info = mlflow.pytorch.log_model(model.eval(), name="model", extra_files=[str(weights)],
                                         pip_requirements=["torch"], input_example=example,
                                         registered_model_name=config["mlflow"]["register_as"])

@@ -1,8 +1,9 @@
 """The per-worker training function that Ray Train runs on every worker.
 
 One function for teachers (method ``ce``) and students: data in, augmentation on the device,
-``method.forward_train``, the weighted loss terms summed and logged by name. Rank 0 writes
-checkpoints and MLflow metrics; every worker takes part in the evaluation of the whole test split.
+``method.forward_train``, the weighted loss terms summed and reported by name. Rank 0 writes
+checkpoints; every worker takes part in the evaluation of the whole test split. Metrics reach
+MLflow through ``pipeline.epoch_logger`` on the controller.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, teacher_store, tracking
+from pipeline import checkpoint, teacher_store
 from pipeline.data_feed import InMemoryFeed, RayDataFeed
 from pipeline.dataset import PreparedDataset
 from stkd import methods, models
@@ -69,8 +70,22 @@ def make_feeds(config, info, rank, world, device):
     return train, test
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every worker rank 0's BatchNorm statistics.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step each
+    worker holds statistics updated by its own last batch; evaluating with those would not equal
+    evaluating the model that rank 0 checkpoints.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def evaluate(model: torch.nn.Module, feed, step: Step, autocast) -> dict[str, float]:
-    """Top-1/top-5 over the whole test split: per-worker counts summed across workers."""
+    """Top-1/top-5 over the whole test split: per-worker counts summed across workers, so the result
+    equals a single-process evaluation of rank 0's model."""
+    broadcast_buffers(model)
     model.eval()
     device = next(model.parameters()).device
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, seen
@@ -86,7 +101,7 @@ def evaluate(model: torch.nn.Module, feed, step: Step, autocast) -> dict[str, fl
 
 
 def train_loop_per_worker(ctx: dict[str, Any]) -> None:
-    """Ray Train entry point. ``ctx``: config, dataset info, teacher ObjectRef, MLflow run."""
+    """Ray Train entry point. ``ctx``: config, dataset info, teacher ObjectRef."""
     import ray.train
     import ray.train.torch
 
@@ -144,7 +159,6 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     train_feed, test_feed = make_feeds(config, info, rank, world, device)
     uneven = not config["data"]["in_memory"] and world > 1
     epochs = optim_cfg["epochs"]
-    uri, run_id = ctx.get("tracking_uri"), ctx.get("mlflow_run_id")
 
     for epoch in range(start_epoch, epochs):
         method.set_epoch(epoch)
@@ -197,9 +211,6 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
             }, rank)
         else:
             ray.train.report(metrics)
-        # Logged after the checkpoint is reported, so an epoch redone after a failure is logged once.
-        if rank == 0 and uri and run_id:
-            tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if rank == 0:
             log.info("epoch %d/%d %s", epoch + 1, epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))

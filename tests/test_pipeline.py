@@ -1,0 +1,169 @@
+"""Ray Train end to end on tiny data: MLflow runs, checkpoints, resume after a killed worker,
+the teacher shared through one object, determinism of the first epoch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipeline import checkpoint, config, run, teacher_store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def teacher_run(ray_session, mlflow_uri, tiny_overrides):
+    """A ce teacher on digits, registered in MLflow; shared by the tests below."""
+    cfg = config.load("test_tiny", tiny_overrides + ["mlflow.register_as=teacher-test-digits", "optim.epochs=3"])
+    return run.train(cfg)
+
+
+def client(uri):
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def test_teacher_run_finished_with_metrics_artifacts_and_checkpoint(teacher_run, mlflow_uri):
+    c = client(mlflow_uri)
+    r = c.get_run(teacher_run.run_id)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["optim.epochs"] == "3" and r.data.params["train.workers"] == "2"
+    for tag in ("git_commit", "ray_version", "torch_version"):
+        assert r.data.tags[tag]
+    history = c.get_metric_history(teacher_run.run_id, "test/top1")
+    assert [m.step for m in history] == [0, 1, 2]
+    for key in ("loss/ce", "train/acc", "test/top5", "lr", "images_per_s", "epoch_time_s", "final/best_top1"):
+        assert c.get_metric_history(teacher_run.run_id, key), key
+    # Evaluation covers the whole test split once, across both workers.
+    assert c.get_metric_history(teacher_run.run_id, "test/seen")[-1].value == 360
+    artifacts = {a.path for a in c.list_artifacts(teacher_run.run_id)}
+    assert {"recipe.yaml", "learning_curve.png"} <= artifacts
+    assert Path(teacher_run.checkpoint_path, checkpoint.CHECKPOINT_FILE).is_file()
+    versions = c.search_model_versions("name='teacher-test-digits'")
+    assert versions, "teacher registered"
+    assert teacher_run.best_top1 > 20  # 3 epochs on digits beats chance (10%) by far
+
+
+def test_distill_with_registered_teacher(teacher_run, mlflow_uri, tiny_overrides):
+    cfg = config.load("test_tiny", tiny_overrides + [
+        "method.name=stkd", "teacher.source=teacher-test-digits", "method.mixup_alpha=0.4", "optim.epochs=1"])
+    outcome = run.train(cfg)
+    r = client(mlflow_uri).get_run(outcome.run_id)
+    assert r.info.status == "FINISHED"
+    assert r.data.tags["teacher_uri"].startswith("models:/teacher-test-digits/")
+    assert float(r.data.tags["teacher_test_top1"]) == pytest.approx(teacher_run.last_top1, abs=0.01)
+    assert {"loss/ce", "loss/kd", "loss/total"} <= set(r.data.metrics)
+    # The logged student loads back through MLflow.
+    model = mlflow.pytorch.load_model(outcome.model_uri)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_same_seed_and_workers_give_the_same_first_epoch_loss(ray_session, mlflow_uri, tiny_overrides):
+    losses = []
+    for _ in range(2):
+        cfg = config.load("test_tiny", tiny_overrides + ["optim.epochs=1", "train.seed=3"])
+        losses.append(run.train(cfg).history[0]["loss/total"])
+    assert losses[0] == losses[1]
+
+
+def raylet_children(pattern: str) -> list[int]:
+    """PIDs of this session's Ray worker processes whose command line contains ``pattern``."""
+    import ray._private.worker as worker
+
+    raylet = worker._global_node.all_processes["raylet"][0].process.pid
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == raylet and pattern in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def test_resume_after_a_worker_is_killed(ray_session, mlflow_uri, tiny_overrides):
+    epochs = 6
+    cfg = config.load("test_tiny", tiny_overrides + [f"optim.epochs={epochs}", "train.max_failures=2",
+                                                     "train.checkpoint_every=1", "name=test-resume"])
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run.train(cfg)), daemon=True)
+    thread.start()
+    c = client(mlflow_uri)
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and time.monotonic() < deadline:
+        runs = c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id],
+                             "tags.mlflow.runName LIKE 'test-resume-%' and attributes.status = 'RUNNING'")
+        if runs and len(c.get_metric_history(runs[0].info.run_id, "test/top1")) >= 2:
+            workers = raylet_children("RayTrainWorker")
+            if workers:
+                killed = max(workers)
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    assert killed, "never saw the run reach epoch 2"
+    thread.join(timeout=300)
+    result = outcome["result"]
+    epochs_logged = [m.step for m in c.get_metric_history(result.run_id, "test/top1")]
+    assert epochs_logged == list(range(epochs)), "every epoch logged exactly once"
+    assert [h["epoch"] for h in result.history] == list(range(epochs))
+    assert c.get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_fresh_runs_never_resume_each_other(ray_session, mlflow_uri, tiny_overrides):
+    a = config.new_run_name(config.load("test_tiny", tiny_overrides))
+    b = config.new_run_name(config.load("test_tiny", tiny_overrides))
+    assert a != b
+
+
+def shared_teacher_probe(ctx):
+    """Runs in each Ray Train worker: build the teacher from the shared object, report whether its
+    tensors are views of the object store's buffers."""
+    import ray
+    import ray.train
+
+    shared = ray.get(ctx["ref"])
+    teacher = teacher_store.build(shared["spec"], shared["arrays"])
+    views = all(
+        p.data_ptr() == shared["arrays"][name].ctypes.data and not shared["arrays"][name].flags.writeable
+        for name, p in teacher.state_dict().items()
+    )
+    ray.train.report({"views": float(views), "training": float(teacher.training),
+                      "grad": float(any(p.requires_grad for p in teacher.parameters()))})
+
+
+def test_teacher_reaches_workers_as_one_shared_object(ray_session, teacher_run):
+    from ray import cloudpickle
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    state, _ = teacher_store.fetch(teacher_run.checkpoint_path)
+    ref = teacher_store.put(state)
+    trainer = TorchTrainer(shared_teacher_probe, train_loop_config={"ref": ref},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}))
+    metrics = trainer.fit().metrics
+    assert metrics == {"views": 1.0, "training": 0.0, "grad": 0.0}
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "evil.pt"
+    torch.save({"weights": torch.zeros(1)}, bad)
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint of this project"):
+        checkpoint.load(bad)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be loaded safely|can load safely"):
+        checkpoint.load(tmp_path / "junk.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        checkpoint.load(tmp_path / "missing")
