@@ -128,8 +128,10 @@ def test_fresh_runs_never_resume_each_other(ray_session, mlflow_uri, tiny_overri
 
 
 def shared_teacher_probe(ctx):
-    """Runs in each Ray Train worker: build the teacher from the shared object, report whether its
+    """Runs in each Ray Train worker: build the teacher from the shared object, record whether its
     tensors are views of the object store's buffers."""
+    import json
+
     import ray
     import ray.train
 
@@ -139,11 +141,15 @@ def shared_teacher_probe(ctx):
         p.data_ptr() == shared["arrays"][name].ctypes.data and not shared["arrays"][name].flags.writeable
         for name, p in teacher.state_dict().items()
     )
-    ray.train.report({"views": float(views), "training": float(teacher.training),
-                      "grad": float(any(p.requires_grad for p in teacher.parameters()))})
+    rank = ray.train.get_context().get_world_rank()
+    Path(ctx["out"], f"rank{rank}.json").write_text(json.dumps({
+        "views": views, "training": teacher.training, "grad": any(p.requires_grad for p in teacher.parameters()),
+        "object_id": ctx["ref"].hex()}))
 
 
-def test_teacher_reaches_workers_as_one_shared_object(ray_session, teacher_run):
+def test_teacher_reaches_workers_as_one_shared_object(ray_session, teacher_run, tmp_path):
+    import json
+
     from ray import cloudpickle
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -151,10 +157,12 @@ def test_teacher_reaches_workers_as_one_shared_object(ray_session, teacher_run):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     state, _ = teacher_store.fetch(teacher_run.checkpoint_path)
     ref = teacher_store.put(state)
-    trainer = TorchTrainer(shared_teacher_probe, train_loop_config={"ref": ref},
+    trainer = TorchTrainer(shared_teacher_probe, train_loop_config={"ref": ref, "out": str(tmp_path)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}))
-    metrics = trainer.fit().metrics
-    assert metrics == {"views": 1.0, "training": 0.0, "grad": 0.0}
+    trainer.fit()
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen == {"views": True, "training": False, "grad": False, "object_id": ref.hex()}
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
