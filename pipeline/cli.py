@@ -42,7 +42,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline import run
     from pipeline.dataset import PreparedDataset
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import tracking_uri, ui_hint
 
     sections: dict[str, Any] = {}
     if getattr(args, "teacher", None):
@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"model: {outcome.model_uri}" + (f"  registered as {cfg['mlflow']['register_as']}"
                                            if cfg["mlflow"]["register_as"] else ""))
     print(f"checkpoint: {outcome.checkpoint_path}")
-    print(f"browse: mlflow ui --backend-store-uri {tracking_uri(cfg)}")
+    print(f"browse: {ui_hint(tracking_uri(cfg))}")
     return 0
 
 

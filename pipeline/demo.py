@@ -74,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(rows))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
-    print(f"browse the runs: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    print(f"browse the runs: {tracking.ui_hint(tracking.tracking_uri())}")
     return 0

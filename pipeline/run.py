@@ -79,11 +79,10 @@ def load_teacher(config: dict[str, Any], info: dict[str, Any]) -> Teacher:
 
 
 def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name: str, callbacks=None):
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data_feed import unequal_split_data_config
+    from pipeline.data_feed import ray_datasets, unequal_split_data_config
     from pipeline.train_loop import train_loop_per_worker
 
     train_cfg = config["train"]
@@ -93,7 +92,7 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
     datasets, data_config = None, None
     if not config["data"]["in_memory"]:
         dataset = PreparedDataset.open(config["data"]["path"], verify=False)
-        datasets = {split: ray.data.read_parquet(dataset.shard_paths(split)) for split in ("train", "test")}
+        datasets = ray_datasets(dataset, train_cfg["workers"])
         data_config = unequal_split_data_config()
     storage = train_cfg["storage_path"]
     if "://" not in storage:

@@ -33,12 +33,24 @@ def client(uri: str):
 
 
 def git_commit() -> str:
+    """The git commit of the code; ``STKD_GIT_COMMIT`` where the code travelled without .git (a
+    ``ray job submit`` working dir), else a hash of the sources so runs of different code differ."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    if os.environ.get("STKD_GIT_COMMIT"):
+        return os.environ["STKD_GIT_COMMIT"]
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted([*root.glob("stkd/**/*.py"), *root.glob("pipeline/**/*.py")]):
+        digest.update(path.read_bytes())
+    return f"source-sha256:{digest.hexdigest()[:16]}"
 
 
 def version_tags() -> dict[str, str]:
@@ -134,3 +146,8 @@ def learning_curve(history: list[dict[str, float]], path: str | Path, title: str
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def ui_hint(uri: str) -> str:
+    """How to browse ``uri``: a server is opened in a browser; a local store through ``mlflow ui``."""
+    return f"open {uri}" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import math
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -119,16 +120,16 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
         raise config_lib.ConfigError(f"the space trains {space['method']!r}, which needs teacher.source")
     info = run_lib.dataset_info(base)
     run_lib.ensure_ray()
-    storage = Path(base["train"]["storage_path"]).resolve()
+    storage = base["train"]["storage_path"]  # a local path (made absolute by config.load) or a URI
     stem = Path(space["file"]).stem
     name = name or (latest_sweep(storage, stem) if resume else None) or f"tune-{stem}-{uuid.uuid4().hex[:8]}"
-    sweep_dir = storage / name
-    if resume and not tune.Tuner.can_restore(str(sweep_dir)):
+    sweep_dir = f"{storage.rstrip('/')}/{name}"
+    if resume and not tune.Tuner.can_restore(sweep_dir):
         raise config_lib.ConfigError(f"no sweep to resume at {sweep_dir}")
     teacher = run_lib.load_teacher(base, info) if base["teacher"]["source"] else None
     uri = tracking.tracking_uri(base)
     metric, epochs = space["metric"], base["optim"]["epochs"]
-    state = json.loads((sweep_dir / SWEEP_FILE).read_text()) if resume and (sweep_dir / SWEEP_FILE).exists() else {}
+    state = json.loads(read_text(f"{sweep_dir}/{SWEEP_FILE}") or "{}") if resume else {}
 
     params = {"space": space["file"], "samples": samples, "scheduler": scheduler, "metric": metric,
               **{f"space.{k}": json.dumps(v) for k, v in space["parameters"].items()},
@@ -138,15 +139,14 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
         tags.update({"teacher_uri": teacher.uri, "teacher_test_top1": f"{teacher.accuracy}"})
     with tracking.tracked_run(uri, base["mlflow"]["experiment"], name, params if not state else {}, tags,
                               resume_run_id=state.get("parent_run_id")) as parent_run_id:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"parent_run_id": parent_run_id}))
+        write_text(f"{sweep_dir}/{SWEEP_FILE}", json.dumps({"parent_run_id": parent_run_id}))
         trainable = functools.partial(trial, base=base, teacher=teacher, parent_run_id=parent_run_id)
         trainable = tune.with_resources(trainable, {"CPU": 0.05})
         try:
             results = run_tuner(trainable, space, samples, scheduler, name, storage, resume, sweep_dir,
                                 concurrency(base, ray.cluster_resources(), samples, max_concurrent), metric, epochs)
         finally:
-            close_trial_runs(uri, base["mlflow"]["experiment"], parent_run_id, epochs)
+            close_trial_runs(uri, base["mlflow"]["experiment"], parent_run_id, epochs, scheduler)
         return summarize(results, base, space, uri, parent_run_id, name)
 
 
@@ -156,30 +156,60 @@ def run_tuner(trainable, space, samples, scheduler, name, storage, resume, sweep
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if resume:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
     else:
+        # stop_last_trials=False: a trial reaching max_t must finish its own run (final metrics, model).
         sched = (ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=max(1, epochs // 4),
-                      reduction_factor=2) if scheduler == "asha" else FIFOScheduler())
+                               reduction_factor=2, stop_last_trials=False) if scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
             param_space=search_space.to_tune(space["parameters"]),
             tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=sched, num_samples=samples,
                                         max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[Progress(metric, epochs)],
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[Progress(metric, epochs)],
                                       verbose=0),
         )
     log.info("sweep %s: %d sample(s), %s, up to %d trial(s) at once", name, samples, scheduler, max_concurrent)
     return tuner.fit()
 
 
-def latest_sweep(storage: Path, stem: str) -> str | None:
-    candidates = sorted(storage.glob(f"tune-{stem}-*"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1].name if candidates else None
+def filesystem(path: str):
+    """A pyarrow filesystem and path for a local path or a URI (s3://, gs://, ...)."""
+    import pyarrow.fs
+
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), path
 
 
-def close_trial_runs(uri: str, experiment: str, parent_run_id: str, epochs: int) -> None:
-    """Trials stopped by the scheduler are killed mid-run and cannot end their own MLflow run:
-    end every child still RUNNING as KILLED, with the reason."""
+def read_text(path: str) -> str | None:
+    fs, inner = filesystem(path)
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_text(path: str, text: str) -> None:
+    fs, inner = filesystem(path)
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(text.encode())
+
+
+def latest_sweep(storage: str, stem: str) -> str | None:
+    import pyarrow.fs
+
+    fs, inner = filesystem(storage)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+    candidates = sorted((i for i in infos if i.base_name.startswith(f"tune-{stem}-")), key=lambda i: i.mtime or 0)
+    return candidates[-1].base_name if candidates else None
+
+
+def close_trial_runs(uri: str, experiment: str, parent_run_id: str, epochs: int, scheduler: str) -> None:
+    """A trial the scheduler stops is ended mid-run (ASHA may stop one even at its last epoch's
+    rung) and cannot end its own MLflow run: end every child still RUNNING as KILLED, with the reason."""
     c = tracking.client(uri)
     exp = c.get_experiment_by_name(experiment)
     children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
@@ -187,9 +217,8 @@ def close_trial_runs(uri: str, experiment: str, parent_run_id: str, epochs: int)
         if child.info.status != "RUNNING":
             continue
         done = len(c.get_metric_history(child.info.run_id, "test/top1"))
-        reason = (f"stopped early by the scheduler after {done} of {epochs} epochs" if done < epochs
-                  else "trial ended without closing its run")
-        c.set_tag(child.info.run_id, "end_reason", reason)
+        c.set_tag(child.info.run_id, "end_reason", f"stopped by the {scheduler} scheduler after {done} of "
+                                                   f"{epochs} epochs")
         c.set_terminated(child.info.run_id, "KILLED")
 
 
@@ -208,7 +237,10 @@ def summarize(results, base, space, uri, parent_run_id, name) -> dict[str, Any]:
     best_config = search_space.apply(base, best_params)
     best_config["name"] = f"{base['name']}-best-{name}"
     best_config["train"]["run_name"] = None
-    out_dir = Path(base["train"]["storage_path"]).resolve() / name
+    storage = base["train"]["storage_path"]
+    # Written locally beside the sweep's Tune state when storage is local; for a URI, into a temporary
+    # folder whose files MLflow keeps.
+    out_dir = Path(storage) / name if "://" not in storage else Path(tempfile.mkdtemp(prefix=f"{name}-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "trials.csv"
     frame.to_csv(table, index=False)

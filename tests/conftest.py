@@ -50,3 +50,12 @@ def digits(session_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_overrides(digits, session_dir) -> list[str]:
     return [f"data.path={digits}", f"train.storage_path={session_dir / 'ray_results'}"]
+
+
+@pytest.fixture(scope="session")
+def teacher_run(ray_session, mlflow_uri, tiny_overrides):
+    """A ce teacher on digits, registered in MLflow as ``teacher-test-digits``; shared by the Ray tests."""
+    from pipeline import config, run
+
+    cfg = config.load("test_tiny", tiny_overrides + ["mlflow.register_as=teacher-test-digits", "optim.epochs=3"])
+    return run.train(cfg)

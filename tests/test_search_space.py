@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline import search_space
+from pipeline.search_space import SpaceError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_spaces_load():
+    files = sorted(search_space.SPACES_DIR.glob("*.yaml"))
+    assert {p.stem for p in files} >= {"stkd", "kd", "dkd", "demo"}
+    for path in files:
+        space = search_space.load_space(path)
+        assert space["parameters"]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("method: stkd\nparameters:\n  method.alpha: {distribution: uniform, low: 0, high: 1}\n",
+     "method.alpha: method 'stkd' does not take this parameter"),
+    ("method: kd\nparameters:\n  method.mixup_alpha: {distribution: uniform, low: 0, high: 1}\n",
+     "method.mixup_alpha: method 'kd' does not take"),
+    ("method: stkd\nparameters:\n  method.temperature: {distribution: uniform, low: 4, high: 4}\n",
+     "method.temperature: empty range, low (4) must be < high (4)"),
+    ("method: stkd\nparameters:\n  method.temperature: {distribution: uniform, low: 6, high: 2}\n",
+     "low (6) must be < high (2)"),
+    ("method: stkd\nparameters:\n  method.temperature: {distribution: uniform, low: -1, high: 2}\n",
+     "method.temperature: must be > 0"),
+    ("method: stkd\nparameters:\n  method.kd_weight: {distribution: choice, values: [-0.5, 1.0]}\n",
+     "method.kd_weight: must be >= 0"),
+    ("method: stkd\nparameters:\n  optim.lr: {distribution: loguniform, low: 0, high: 0.1}\n",
+     "loguniform needs low > 0"),
+    ("method: stkd\nparameters:\n  method.mixup_alpha: {distribution: choice, values: []}\n",
+     "non-empty list"),
+    ("method: stkd\nparameters:\n  method.mixup_alpha: {distribution: normal, mean: 1}\n",
+     "expected {distribution"),
+    ("method: stkd\nparameters:\n  method.teacher_target: {distribution: choice, values: [mixed, mixed_input]}\n",
+     "teacher_target: values must be among"),
+    ("method: fitnet\nparameters:\n  optim.lr: {distribution: uniform, low: 0.01, high: 0.1}\n",
+     "unknown method 'fitnet'"),
+    ("method: stkd\nparameters: {}\n", "non-empty mapping"),
+    ("method: stkd\nsamples: 3\nparameters:\n  optim.lr: {distribution: uniform, low: 0.01, high: 0.1}\n",
+     "unknown top-level key"),
+])
+def test_invalid_spaces_name_file_and_key(tmp_path, body, needle):
+    path = write(tmp_path, body)
+    with pytest.raises(SpaceError) as info:
+        search_space.load_space(path)
+    assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_apply_sets_dotted_keys_and_validates(tiny_overrides):
+    from pipeline import config
+
+    base = config.load("demo_student", tiny_overrides)
+    cfg = search_space.apply(base, {"method.temperature": 2.5, "optim.lr": 0.02})
+    assert cfg["method"]["temperature"] == 2.5 and cfg["optim"]["lr"] == 0.02
+    assert base["method"]["temperature"] == 4.0  # the base is not modified
