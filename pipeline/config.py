@@ -82,16 +82,26 @@ class ConfigError(ValueError):
     """The resolved configuration is invalid; the message lists every problem found."""
 
 
-def find_recipe(name_or_path: str | Path) -> Path:
-    """A recipe file by path, or by name among the shipped recipes (``pipeline/recipes``)."""
+def find_shipped(name_or_path: str | Path, folder: Path) -> Path | None:
+    """A YAML file by path, or by name (with or without ``.yaml``) among those shipped in ``folder``."""
     path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for candidate in (RECIPES_DIR / path, RECIPES_DIR / f"{path}.yaml"):
+    for candidate in (path, folder / path, folder / f"{path}.yaml"):
         if candidate.is_file():
             return candidate
-    shipped = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    raise ConfigError(f"recipe {str(name_or_path)!r} not found (not a file, not a shipped recipe: {shipped})")
+    return None
+
+
+def shipped_names(folder: Path) -> str:
+    return ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file by path, or by name among the shipped recipes (``pipeline/recipes``)."""
+    found = find_shipped(name_or_path, RECIPES_DIR)
+    if found is None:
+        raise ConfigError(f"recipe {str(name_or_path)!r} not found (not a file, not a shipped recipe: "
+                          f"{shipped_names(RECIPES_DIR)})")
+    return found
 
 
 def read_recipe(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -36,14 +36,11 @@ class SpaceError(ValueError):
 
 
 def find_space(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for candidate in (SPACES_DIR / path, SPACES_DIR / f"{path}.yaml"):
-        if candidate.is_file():
-            return candidate
-    shipped = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
-    raise SpaceError(f"search space {str(name_or_path)!r} not found (shipped: {shipped})")
+    found = config_lib.find_shipped(name_or_path, SPACES_DIR)
+    if found is None:
+        raise SpaceError(f"search space {str(name_or_path)!r} not found (shipped: "
+                         f"{config_lib.shipped_names(SPACES_DIR)})")
+    return found
 
 
 def load_space(name_or_path: str | Path) -> dict[str, Any]:
