@@ -144,23 +144,25 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
         trainable = tune.with_resources(trainable, {"CPU": 0.05})
         try:
             results = run_tuner(trainable, space, samples, scheduler, name, storage, resume, sweep_dir,
-                                concurrency(base, ray.cluster_resources(), samples, max_concurrent), metric, epochs)
+                                concurrency(base, ray.cluster_resources(), samples, max_concurrent), metric, epochs,
+                                (uri, base["mlflow"]["experiment"], parent_run_id))
         finally:
-            close_trial_runs(uri, base["mlflow"]["experiment"], parent_run_id, epochs, scheduler)
+            close_trial_runs(uri, base["mlflow"]["experiment"], parent_run_id, epochs)
         return summarize(results, base, space, uri, parent_run_id, name)
 
 
 def run_tuner(trainable, space, samples, scheduler, name, storage, resume, sweep_dir, max_concurrent, metric,
-              epochs):
+              epochs, mlflow_parent):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     if resume:
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
     else:
         # stop_last_trials=False: a trial reaching max_t must finish its own run (final metrics, model).
-        sched = (ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=max(1, epochs // 4),
-                               reduction_factor=2, stop_last_trials=False) if scheduler == "asha" else FIFOScheduler())
+        sched = (make_asha(mlflow_parent, time_attr="training_iteration", max_t=epochs,
+                           grace_period=max(1, epochs // 4), reduction_factor=2, stop_last_trials=False)
+                 if scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
             param_space=search_space.to_tune(space["parameters"]),
@@ -207,18 +209,47 @@ def latest_sweep(storage: str, stem: str) -> str | None:
     return candidates[-1].base_name if candidates else None
 
 
-def close_trial_runs(uri: str, experiment: str, parent_run_id: str, epochs: int, scheduler: str) -> None:
-    """A trial the scheduler stops is ended mid-run (ASHA may stop one even at its last epoch's
-    rung) and cannot end its own MLflow run: end every child still RUNNING as KILLED, with the reason."""
+def trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str):
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                              f"tags.trial_id = '{trial_id}'")
+    return c, (runs[0] if runs else None)
+
+
+def make_asha(mlflow_parent: tuple[str, str, str], **kwargs):
+    """ASHA that tags the MLflow run of every trial it stops, so the run can be ended as stopped early
+    rather than failed (stopping removes the trial's placement group, and its TorchTrainer dies)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class MarkingASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == self.STOP:
+                c, run = trial_run(*mlflow_parent, trial.trial_id)
+                if run is not None:
+                    c.set_tag(run.info.run_id, "stopped_by_scheduler",
+                              f"asha, after {result.get('training_iteration')} epochs")
+            return action
+
+    return MarkingASHA(**kwargs)
+
+
+def close_trial_runs(uri: str, experiment: str, parent_run_id: str, epochs: int) -> None:
+    """End trial runs that could not end themselves: a trial the scheduler stopped ends KILLED with
+    the reason (whether its process was killed, leaving the run RUNNING, or its trainer died first,
+    making it FAILED); any other run still RUNNING ends KILLED as interrupted."""
     c = tracking.client(uri)
     exp = c.get_experiment_by_name(experiment)
     children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
     for child in children:
-        if child.info.status != "RUNNING":
+        stopped = child.data.tags.get("stopped_by_scheduler")
+        if child.info.status == "FINISHED" or (child.info.status != "RUNNING" and not stopped):
             continue
         done = len(c.get_metric_history(child.info.run_id, "test/top1"))
-        c.set_tag(child.info.run_id, "end_reason", f"stopped by the {scheduler} scheduler after {done} of "
-                                                   f"{epochs} epochs")
+        reason = (f"stopped early by the scheduler ({stopped}) after {done} of {epochs} epochs" if stopped
+                  else f"sweep ended while the trial was running, after {done} of {epochs} epochs")
+        c.set_tag(child.info.run_id, "end_reason", reason)
         c.set_terminated(child.info.run_id, "KILLED")
 
 
