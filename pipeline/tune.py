@@ -102,7 +102,7 @@ class Progress:
                 stopped = [t for t in done if (t.last_result or {}).get("training_iteration", 0) < epochs]
                 running = sum(t.status == "RUNNING" for t in trials)
                 best = f"{self.best[0]:.2f} ({self.best[1]})" if self.best else "-"
-                log.info("trials: %d running, %d finished, %d stopped early, %d errored, %d pending; best %s %s",
+                log.info("trials: %d running, %d finished, %d stopped early, %d errored, %d pending; best epoch %s %s",
                          running, len(done) - len(stopped), len(stopped), sum(t.status == "ERROR" for t in trials),
                          sum(t.status == "PENDING" for t in trials), metric, best)
 
@@ -263,7 +263,7 @@ def summarize(results, base, space, uri, parent_run_id, name) -> dict[str, Any]:
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error is not None]
         raise RuntimeError(f"sweep {name}: no trial reported {metric}; {len(errors)} of {len(results)} trials "
                            f"failed" + (f", first error: {errors[0]}" if errors else ""))
-    best = results.get_best_result(metric=metric, mode="max", scope="all")
+    best = results.get_best_result(metric=metric, mode="max", scope="last")  # final accuracy, as plotted
     best_params = {k: best.config[k] for k in space["parameters"]}
     best_config = search_space.apply(base, best_params)
     best_config["name"] = f"{base['name']}-best-{name}"
@@ -317,7 +317,7 @@ def run_cli(args: argparse.Namespace) -> int:
     base = config_lib.load(args.recipe, args.overrides)
     space = search_space.load_space(args.space)
     summary = sweep(base, space, args.samples, args.scheduler, args.name, args.resume, args.max_concurrent)
-    print(f"sweep {summary['name']}: {summary['trials']} trials, best {space['metric']} "
+    print(f"sweep {summary['name']}: {summary['trials']} trials, best final {space['metric']} "
           f"{summary['best_value']:.2f} with {summary['best_params']}")
     print(f"MLflow parent run: {summary['parent_run_id']}")
     print(f"best recipe: {summary['best_recipe']}  (run it: stkd distill --recipe {summary['best_recipe']})")
