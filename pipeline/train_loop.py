@@ -22,6 +22,7 @@ from pipeline.data_feed import InMemoryFeed, RayDataFeed
 from pipeline.dataset import PreparedDataset
 from stkd import methods, models
 from stkd.augment import nhwc_to_nchw, normalize, random_crop_flip
+from stkd.training import train_step
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +172,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         join = student.join() if uneven and hasattr(student, "join") else contextlib.nullcontext()
         with join:
             for images, labels in train_feed.batches(epoch):
-                x = step.train_input(images)
-                with autocast():
-                    logits, terms = method.forward_train(x, labels)
-                loss = sum(terms.values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                logits, terms = train_step(method, optimizer, step.train_input(images), labels, autocast)
                 n = len(labels)
                 for name, value in terms.items():
                     term_sums[name] = term_sums.get(name, 0) + value.detach() * n

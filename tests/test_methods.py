@@ -193,3 +193,19 @@ def test_cuda(name, batch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         _, terms = m.forward_train(x, y)
     sum(terms.values()).backward()
+
+
+def test_train_step_moves_the_student_only(batch):
+    from stkd.training import train_step
+
+    x, y = batch
+    student, teacher = tiny_net(0), tiny_net(1)
+    m = methods.create("kd", student, teacher)
+    m.train()
+    before_s = [p.clone() for p in student.parameters()]
+    before_t = [p.clone() for p in teacher.parameters()]
+    optimizer = torch.optim.SGD(m.trainable_parameters(), lr=0.1)
+    logits, terms = train_step(m, optimizer, x, y)
+    assert logits.shape == (8, 5) and set(terms) == set(m.term_names())
+    assert any(not torch.equal(a, b) for a, b in zip(before_s, student.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before_t, teacher.parameters()))
