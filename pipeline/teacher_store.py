@@ -71,8 +71,10 @@ def build(spec: dict[str, Any], arrays: dict[str, np.ndarray], device: torch.dev
     """
     import warnings
 
-    with torch.device("meta"):
-        model = checkpoint.build_model(spec)
+    # Built on the CPU, not the meta device: the first meta-device build in a process imports ~800
+    # torch modules (~68 MiB private per worker, bench/teacher_memory.py), more than a small teacher;
+    # the freshly initialised weights are released by the assignment below.
+    model = checkpoint.build_model(spec)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
