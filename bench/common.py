@@ -2,7 +2,8 @@
 
 Every script writes ``bench/results/<name>.json`` holding ``machine`` (what it ran on) and the
 numbers it measured in that one run. Data and MLflow files live outside the repository
-(default ``/tmp/bench``, override with ``STKD_BENCH_DIR``).
+(default ``/tmp/bench``, override with ``STKD_BENCH_DIR``); ``STKD_BENCH_RESULTS`` redirects the
+results files (smoke runs that must not replace the recorded ones).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("STKD_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 WORK = Path(os.environ.get("STKD_BENCH_DIR", "/tmp/bench"))
 CIFAR_TARBALL = Path(os.environ.get("STKD_CIFAR10_JPG", "/work/shared/datasets/cifar10-jpg.tar.gz"))
 

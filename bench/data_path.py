@@ -32,6 +32,7 @@ from pipeline.data_feed import InMemoryFeed, RayDataFeed  # noqa: E402
 from pipeline.dataset import PreparedDataset  # noqa: E402
 from pipeline.train_loop import Step  # noqa: E402
 from stkd import methods, models  # noqa: E402
+from stkd.training import train_step  # noqa: E402
 
 
 def drain(batches, step: Step, limit: int | None = None) -> tuple[float, int]:
@@ -106,11 +107,7 @@ def main() -> None:
         images, labels = next(batches)
         x = step.train_input(images)
         start = time.perf_counter()
-        _, terms = method.forward_train(x, labels)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(method, optimizer, x, labels)
         if i >= 2:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)

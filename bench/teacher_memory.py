@@ -6,13 +6,15 @@ each build it in one of three ways and touch every weight (``p.sum()`` over all 
 mapped), and report how their memory grew, read from ``/proc/self/status`` (RssAnon, RssFile, RssShmem)
 and ``/proc/self/smaps_rollup`` (USS = Private_Clean + Private_Dirty, PSS):
 
-- ``shared``: ``teacher_store.build(spec, ray.get(ref)["arrays"])`` -- tensors are views of the
-  object store's buffer (the project's path), in a worker that has already built a model on the ``meta``
-  device once (``build`` does; the first use of ``meta`` imports ~800 modules: sympy, torch._dynamo, ...);
-- ``shared_first``: the same in a fresh worker, so the one-time cost of that first ``meta`` use is included;
+- ``shared``: ``teacher_store.build(spec, ray.get(ref)["arrays"])`` -- the project's path: the model is
+  built on the CPU, then its tensors are replaced by views of the object store's buffer
+  (``load_state_dict(assign=True)``), freeing the freshly initialised weights;
 - ``copy_from_ref``: ``ray.get(ref)`` then ``load_state_dict`` into a fresh model (a copy);
 - ``torch_load``: ``checkpoint.load(path)`` of the teacher file then ``load_state_dict`` (what each worker
   would do without the object store).
+
+A fresh actor also reports what the first model build on the ``meta`` device costs a process (an earlier
+``build`` used it; the first use imports ~800 modules: sympy, torch._dynamo, ...).
 
 The object store's own accounting (bytes used, number of objects) is read from the raylet before and after
 the workers fetch the teacher, and the teacher's line of ``ray memory``'s summary is kept.
@@ -35,7 +37,7 @@ import torch  # noqa: E402
 from pipeline import checkpoint, teacher_store  # noqa: E402
 from stkd import models  # noqa: E402
 
-MODES = ("shared_first", "shared", "copy_from_ref", "torch_load")
+MODES = ("shared", "copy_from_ref", "torch_load")
 
 
 def gcs_address() -> str:
@@ -71,7 +73,7 @@ def make_worker_class():
 
     @ray.remote(num_cpus=0.25)
     class Worker:
-        def __init__(self, warm_meta: bool) -> None:
+        def __init__(self) -> None:
             torch.set_num_threads(1)
             # Warm the allocator and the torch runtime so the baseline includes them.
             warm = models.create("resnet8", 10)
@@ -79,15 +81,16 @@ def make_worker_class():
                 warm(torch.zeros(2, 3, 32, 32))
             del warm
             gc.collect()
-            self.meta_first_use_kib = None
-            if warm_meta:
-                before = common.rss_kib()
-                with torch.device("meta"):
-                    models.create("resnet8", 10)
-                gc.collect()
-                after = common.rss_kib()
-                self.meta_first_use_kib = {k: after[k] - before.get(k, 0) for k in after}
             self.teacher = None
+
+        def meta_first_use(self) -> dict:
+            """What the first model build on the meta device adds to this process (KiB)."""
+            before = common.rss_kib()
+            with torch.device("meta"):
+                models.create("resnet8", 10)
+            gc.collect()
+            after = common.rss_kib()
+            return {k: after[k] - before.get(k, 0) for k in after}
 
         def pid(self) -> int:
             return os.getpid()
@@ -95,7 +98,7 @@ def make_worker_class():
         def measure(self, mode: str, refs: list, path: str) -> dict:
             gc.collect()
             before = common.rss_kib()
-            if mode in ("shared", "shared_first"):
+            if mode == "shared":
                 shared = ray.get(refs[0])
                 model = teacher_store.build(shared["spec"], shared["arrays"])
             elif mode == "copy_from_ref":
@@ -118,7 +121,7 @@ def make_worker_class():
             shares = sum(t.untyped_storage().nbytes() for t in model.state_dict().values())
             return {"pid": os.getpid(), "before_kib": before, "after_kib": after,
                     "delta_kib": {k: after[k] - before.get(k, 0) for k in after}, "teacher_bytes": shares,
-                    "checksum": touched, "meta_first_use_delta_kib": self.meta_first_use_kib}
+                    "checksum": touched}
 
     return Worker
 
@@ -150,20 +153,17 @@ def main() -> None:
         runs: dict = {}
         for n in args.workers:
             for mode in MODES:
-                workers = [Worker.remote(mode != "shared_first") for _ in range(n)]
+                workers = [Worker.remote() for _ in range(n)]
                 ray.get([w.pid.remote() for w in workers])
                 reports = ray.get([w.measure.remote(mode, [ref], str(path)) for w in workers])
                 stats = store_stats()
-                lines = ref_lines(ref) if mode.startswith("shared") else []
+                lines = ref_lines(ref) if mode == "shared" else []
                 mib = lambda key: [r["delta_kib"].get(key, 0) / 1024 for r in reports]  # noqa: E731
                 entry = {
                     "per_worker_delta_mib": {k: mib(k) for k in ("RssAnon", "RssFile", "RssShmem", "VmRSS", "USS",
                                                                   "Pss")},
                     "object_store_after": stats, "reports": reports,
                 }
-                meta = [r["meta_first_use_delta_kib"] for r in reports if r["meta_first_use_delta_kib"]]
-                if meta:
-                    entry["meta_first_use_anon_mib"] = [m.get("RssAnon", 0) / 1024 for m in meta]
                 if lines:
                     entry["ray_memory_lines"] = lines
                 runs[f"{n}x{mode}"] = entry
@@ -174,6 +174,12 @@ def main() -> None:
                     ray.kill(w)
                 del workers
         results["runs"] = runs
+        probe = Worker.remote()
+        meta = ray.get(probe.meta_first_use.remote())
+        ray.kill(probe)
+        results["meta_device_first_use_delta_mib"] = {k: v / 1024 for k, v in meta.items()}
+        print(f"first meta-device build in a fresh worker: +RssAnon {meta.get('RssAnon', 0) / 1024:.1f} MiB, "
+              f"+USS {meta.get('USS', 0) / 1024:.1f} MiB", flush=True)
         results["object_store"] = {"empty": empty, "after_put": after_put,
                                    "teacher_object_bytes": after_put["object_store_bytes_used"]
                                    - empty["object_store_bytes_used"]}
@@ -183,8 +189,8 @@ def main() -> None:
     common.write_result("teacher_memory", {
         "description": "resident memory each Ray actor adds when it builds a resnet32x4 teacher (10 classes) and "
                        "touches every weight: shared = pipeline.teacher_store.build over ray.get(ref)['arrays'] "
-                       "(zero-copy views of the object store; shared_first includes the one-time cost of the first "
-                       "meta-device model build in a process); copy_from_ref and torch_load copy the weights. "
+                       "(built on the CPU, weights then assigned as zero-copy views of the object store); "
+                       "copy_from_ref and torch_load copy the weights. "
                        "Deltas in MiB from /proc/self/status and /proc/self/smaps_rollup (USS = private pages).",
         "settings": {"workers": args.workers, "modes": list(MODES), "actor_num_cpus": 0.25},
         "results": results,
