@@ -161,11 +161,11 @@ def train(
             tracking.log_metrics(uri, run_id, {"final/best_top1": outcome.best_top1,
                                                "final/last_top1": outcome.last_top1, "final/wall_time_s": wall},
                                  step=len(state["history"]))
-            outcome.model_uri = log_artifacts(config, state, run_name)
+            outcome.model_uri = log_artifacts(config, state, run_name, info["image_shape"])
     return outcome
 
 
-def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str) -> str:
+def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, image_shape: list[int]) -> str:
     """The resolved recipe, the learning curve and the final student (an MLflow PyTorch model)."""
     import mlflow
 
@@ -182,14 +182,10 @@ def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str) 
         weights = checkpoint.save({"model": state["model"], "student": state["student"],
                                    "best_acc": state["best_acc"]}, tmp / "weights")
         spec = state["model"]
-        h, w = config_input_size(config)
+        h, w = image_shape[0], image_shape[1]
         example = np.zeros((2, spec["in_channels"], h, w), dtype=np.float32)  # batch 1 would be specialized
         info = mlflow.pytorch.log_model(model.eval(), name="model", extra_files=[str(weights)],
                                         pip_requirements=["torch"], input_example=example,
                                         registered_model_name=config["mlflow"]["register_as"])
     return info.model_uri
 
-
-def config_input_size(config: dict[str, Any]) -> tuple[int, int]:
-    shape = PreparedDataset.open(config["data"]["path"], verify=False).image_shape
-    return shape[0], shape[1]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stkd.models.init import init_conv_bn
+
 
 def _conv_bn_relu(inp: int, oup: int, kernel_size: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
@@ -72,15 +74,9 @@ class MobileNetV2(nn.Module):
         # Sequential keeps state_dict keys ("classifier.0.*") compatible with CRD checkpoints.
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
+        nn.init.normal_(self.classifier[0].weight, 0, 0.01)
+        nn.init.zeros_(self.classifier[0].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits of shape (N, num_classes)."""

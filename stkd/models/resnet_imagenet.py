@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stkd.models.init import init_conv_bn
+
 
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
     if stride == 1 and in_planes == out_planes:
@@ -79,12 +81,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512 * block.expansion, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
         if zero_init_residual:
             # Residual branches start as zero so every block begins as identity (Goyal et al., 2017).
             for m in self.modules():
