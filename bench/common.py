@@ -147,3 +147,4 @@ def rss_kib() -> dict[str, int]:
     except OSError:
         pass
     return out
+

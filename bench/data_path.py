@@ -69,7 +69,7 @@ def main() -> None:
 
     # 1. In-memory feed: load once, then two epochs (the first touches the pages).
     start = time.perf_counter()
-    feed = InMemoryFeed(dataset, "train", args.batch_size, 0, 1, device, shuffle=True, seed=0)
+    feed = InMemoryFeed.from_split(dataset, "train", args.batch_size, 0, 1, device, shuffle=True, seed=0)
     load_s = time.perf_counter() - start
     rates = []
     for epoch in range(2):

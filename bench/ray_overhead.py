@@ -63,7 +63,7 @@ def plain_loop(config: dict, info: dict, threads: int) -> list[float]:
         optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim_cfg["lr"],
                                     momentum=optim_cfg["momentum"], weight_decay=optim_cfg["weight_decay"])
         step = Step(config, info, device, seed * 104_729)
-        feed = InMemoryFeed(PreparedDataset.open(info["path"], verify=False), "train", optim_cfg["batch_size"], 0, 1,
+        feed = InMemoryFeed.from_split(PreparedDataset.open(info["path"], verify=False), "train", optim_cfg["batch_size"], 0, 1,
                             device, shuffle=True, seed=seed)
         rates = []
         for epoch in range(optim_cfg["epochs"]):

@@ -1,4 +1,4 @@
-"""The ``stkd`` command line: prepare, teacher, distill, tune, demo."""
+"""The ``stkd`` command line: prepare, teacher, distill, tune, study, demo."""
 
 from __future__ import annotations
 
@@ -57,8 +57,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             dataset_name = PreparedDataset.open(cfg["data"]["path"], verify=False).name
             cfg["mlflow"]["register_as"] = f"teacher-{dataset_name}-{cfg['model']['student']}"
     outcome = run.train(cfg)
-    print(f"run {outcome.run_name} ({outcome.run_id}): best top-1 {outcome.best_top1:.2f}%, "
-          f"last {outcome.last_top1:.2f}%, {outcome.wall_time_s:.0f} s")
+    chosen = (f"epoch {outcome.selected_epoch + 1} selected on validation ({outcome.val_top1:.2f}%)"
+              if outcome.val_top1 is not None else "no validation split: the last epoch")
+    print(f"run {outcome.run_name} ({outcome.run_id}): test top-1 {outcome.selected_top1:.2f}% at the selected "
+          f"epoch ({chosen}), {outcome.last_top1:.2f}% at the last; {outcome.wall_time_s:.0f} s")
     print(f"model: {outcome.model_uri}" + (f"  registered as {cfg['mlflow']['register_as']}"
                                            if cfg["mlflow"]["register_as"] else ""))
     print(f"checkpoint: {outcome.checkpoint_path}")
@@ -70,6 +72,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline import tune
 
     return tune.run_cli(args)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from pipeline import study
+
+    return study.run_cli(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -106,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune.add_arguments(p)
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("study", help="a grid of pairs x methods x seeds as parallel runs: the table a paper prints",
+                       epilog=EPILOG)
+    from pipeline import study
+
+    study.add_arguments(p)
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the whole pipeline on scikit-learn's digits, in minutes on a laptop")
     from pipeline import demo

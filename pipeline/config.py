@@ -8,6 +8,7 @@ message a user can act on.
 from __future__ import annotations
 
 import copy
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import yaml
 
 from pipeline import tracking
 from stkd import methods, models
+
+log = logging.getLogger(__name__)
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -29,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
         "crop_padding": 4,
         "flip": True,
         "eval_batch_size": 512,
+        "val_fraction": 0.0,
+        "val_seed": 0,
     },
     "model": {"student": None},
     "teacher": {"source": None, "evaluate": True},
@@ -40,8 +45,10 @@ DEFAULTS: dict[str, Any] = {
         "nesterov": False,
         "batch_size": 64,
         "epochs": 240,
+        "schedule": "multistep",
         "milestones": [150, 180, 210],
         "gamma": 0.1,
+        "warmup_epochs": 0,
     },
     "train": {
         "workers": 1,
@@ -73,9 +80,13 @@ TYPES: dict[str, tuple[type, ...]] = {
     "optim.momentum": (int, float),
     "optim.weight_decay": (int, float),
     "optim.gamma": (int, float),
+    "data.val_fraction": (int, float),
     "train.cpus_per_worker": (int, float),
     "train.gpus_per_worker": (int, float),
 }
+
+
+SCHEDULES = ("multistep", "cosine")
 
 
 class ConfigError(ValueError):
@@ -89,6 +100,17 @@ def find_shipped(name_or_path: str | Path, folder: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def read_mapping(path: Path, error: type[ValueError], expected: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; ``error`` names the file and says what was ``expected``."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must be a mapping with {expected}")
+    return data
 
 
 def shipped_names(folder: Path) -> str:
@@ -157,15 +179,45 @@ def nest(dotted: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(recipe: str | Path | None = None, overrides: list[str] | None = None, **sections: Any) -> dict[str, Any]:
-    """Resolve a config: defaults <- recipe <- keyword sections <- dotted overrides; then validate."""
+    """Resolve a config: defaults <- recipe <- keyword sections <- dotted overrides; then validate.
+
+    Hyperparameters follow the method: when the sections or overrides name a method other than the
+    recipe's, the recipe's method hyperparameters (chosen for its own method) are dropped, and the new
+    method starts from its own defaults plus what the sections and overrides set.
+    """
     config = copy.deepcopy(DEFAULTS)
-    if recipe is not None:
-        config = merge(config, read_recipe(recipe))
-    if sections:
-        config = merge(config, sections)
-    if overrides:
-        config = merge(config, parse_overrides(overrides))
+    recipe_data = read_recipe(recipe) if recipe is not None else {}
+    later = merge(sections, parse_overrides(overrides or []))
+    recipe_data = for_method(recipe_data, later.get("method", {}).get("name") if isinstance(later.get("method"), dict)
+                             else None)
+    config = merge(merge(config, recipe_data), later)
     return resolve_paths(validate(config))
+
+
+def for_method(recipe: dict[str, Any], method_name: str | None) -> dict[str, Any]:
+    """``recipe`` as it applies to ``method_name``: its method section kept only for its own method."""
+    section = recipe.get("method")
+    if method_name is None or not isinstance(section, dict) or section.get("name", "ce") == method_name:
+        return recipe
+    dropped = {k: v for k, v in section.items() if k != "name"}
+    if dropped:
+        log.info("method %s replaces the recipe's %s: its hyperparameters %s do not carry over; %s starts from "
+                 "its defaults", method_name, section.get("name", "ce"), dropped, method_name)
+    return {**recipe, "method": {"name": method_name}}
+
+
+def with_method(config: dict[str, Any], method: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config switched to ``method`` (``{"name": ..., hyperparameter: value}``), validated.
+
+    The same rule as :func:`load`: the same method keeps its hyperparameters and takes ``method``'s
+    on top; another method starts from its own defaults plus ``method``'s.
+    """
+    base = copy.deepcopy(config)
+    name = method.get("name", base["method"]["name"])
+    if name != base["method"]["name"]:
+        base["method"] = {"name": name}
+    base["method"].update({k: v for k, v in method.items() if k != "name"})
+    return validate(base)
 
 
 def resolve_paths(config: dict[str, Any]) -> dict[str, Any]:
@@ -192,13 +244,9 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         problems.append(f"method.name: unknown method {method_name!r}; known: {', '.join(methods.names())}")
     else:
         hparams = {k: v for k, v in config["method"].items() if k != "name"}
-        # A recipe may carry hyperparameters of other methods (switching method.name on the command
-        # line); those are dropped. A key no method takes is a typo and is reported.
-        takes = methods.method_class(method_name).defaults
-        any_method = set().union(*(cls.defaults for cls in methods.REGISTRY.values()))
-        for key in sorted(set(hparams) - set(takes)):
-            if key in any_method:
-                del hparams[key]
+        if method_name == "ce" and "standardize" in hparams:
+            problems.append(f"method.standardize: logit standardization acts on distillation terms and method "
+                            f"'ce' has none (got {hparams.pop('standardize')!r}); use kd, dkd or stkd")
         try:
             teacher_marker = None if method_name == "ce" else object()
             resolved = methods.validate_hparams(methods.method_class(method_name), teacher_marker, hparams)
@@ -264,6 +312,38 @@ def check_values(config: dict[str, Any], problems: list[str]) -> None:
     for key in ("bf16", "channels_last"):
         if isinstance(train[key], str) and train[key] != "auto":
             problems.append(f"train.{key}: expected true, false or 'auto', got {train[key]!r}")
+    check_schedule(optim, problems)
+    fraction = config["data"]["val_fraction"]
+    if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and not 0 <= fraction < 1:
+        problems.append(f"data.val_fraction: must be in [0, 1), got {fraction}")
+
+
+def check_schedule(optim: dict[str, Any], problems: list[str]) -> None:
+    epochs, schedule = optim["epochs"], optim["schedule"]
+    if schedule not in SCHEDULES:
+        problems.append(f"optim.schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if not isinstance(epochs, int) or isinstance(epochs, bool):
+        return
+    warmup = optim["warmup_epochs"]
+    if isinstance(warmup, int) and not isinstance(warmup, bool) and not 0 <= warmup < epochs:
+        problems.append(f"optim.warmup_epochs: must be in [0, optim.epochs={epochs}), got {warmup}")
+    milestones = optim["milestones"]
+    if schedule == "multistep" and isinstance(milestones, list) and all(isinstance(m, int) for m in milestones):
+        late = [m for m in milestones if not 0 < m < epochs]
+        if late:
+            problems.append(f"optim.milestones: {late} not within the {epochs} epochs (each must be in "
+                            f"1..{epochs - 1}); scale them with optim.epochs or use optim.schedule=cosine")
+        if milestones != sorted(milestones):
+            problems.append(f"optim.milestones: must be increasing, got {milestones}")
+
+
+def with_epochs(overrides: list[str], config: dict[str, Any], epochs: int) -> list[str]:
+    """Overrides that set ``optim.epochs`` and move the milestones with it (the same fractions of the run)."""
+    old = config["optim"]["epochs"]
+    milestones = sorted({min(max(1, round(m * epochs / old)), epochs - 1) for m in config["optim"]["milestones"]})
+    if epochs < 2:
+        milestones = []
+    return [*overrides, f"optim.epochs={epochs}", f"optim.milestones={milestones}"]
 
 
 def new_run_name(config: dict[str, Any]) -> str:

@@ -37,10 +37,13 @@ def rank_slice(num_rows: int, rank: int, world_size: int) -> slice:
 
 
 class InMemoryFeed:
+    """Rows of one split held on the device. Training (``shuffle``): every worker holds all rows and
+    takes its share of each global batch. Evaluation: each worker holds its contiguous part."""
+
     def __init__(
         self,
-        dataset: PreparedDataset,
-        split: str,
+        images: np.ndarray,
+        labels: np.ndarray,
         batch_size: int,
         rank: int,
         world_size: int,
@@ -48,15 +51,17 @@ class InMemoryFeed:
         shuffle: bool,
         seed: int = 0,
     ) -> None:
-        images, labels = dataset.load_numpy(split)
         self.shuffle, self.seed = shuffle, seed
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         if not shuffle:
-            # Evaluation: each worker keeps only its contiguous part of the split.
             part = rank_slice(len(labels), rank, world_size)
             images, labels = images[part], labels[part]
-        self.images = torch.from_numpy(images).to(device)
-        self.labels = torch.from_numpy(labels).to(device)
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
+
+    @classmethod
+    def from_split(cls, dataset: PreparedDataset, split: str, *args, **kwargs) -> "InMemoryFeed":
+        return cls(*dataset.load_numpy(split), *args, **kwargs)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -104,13 +109,27 @@ class RayDataFeed:
             yield x.to(self.device, non_blocking=pin), y.to(self.device, non_blocking=pin)
 
 
-def ray_datasets(dataset: PreparedDataset, world_size: int, splits=("train", "test")) -> dict:
+def ray_datasets(dataset: PreparedDataset, world_size: int, val_split: tuple[np.ndarray, int] | None = None,
+                 splits=("train", "test")) -> dict:
     """Ray Data datasets over the Parquet shards, cut into enough blocks that an unequal split
-    (which deals whole blocks to workers) still gives every worker a near-equal share."""
+    (which deals whole blocks to workers) still gives every worker a near-equal share.
+
+    ``val_split`` (validation keys, key seed; see :mod:`pipeline.val_split`): the train shards are
+    read twice, once keeping the training rows as ``train`` and once the held-out rows as ``val``.
+    """
     import ray.data
 
+    from pipeline.val_split import filter_batch
+
     blocks = 16 * world_size
-    return {split: ray.data.read_parquet(dataset.shard_paths(split)).repartition(blocks) for split in splits}
+    out = {split: ray.data.read_parquet(dataset.shard_paths(split)).repartition(blocks) for split in splits}
+    if val_split is not None and "train" in splits:
+        keys, seed = val_split
+        read = ray.data.read_parquet(dataset.shard_paths("train"))
+        for name, keep_validation in (("train", False), ("val", True)):
+            out[name] = read.map_batches(filter_batch, batch_format="numpy", fn_kwargs={
+                "val_keys": keys, "seed": seed, "keep_validation": keep_validation}).repartition(blocks)
+    return out
 
 
 def unequal_split_data_config():

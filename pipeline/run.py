@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline import checkpoint, config as config_lib, teacher_store, tracking
+from pipeline import checkpoint, config as config_lib, teacher_store, tracking, val_split
 from pipeline.dataset import PreparedDataset
 
 log = logging.getLogger(__name__)
@@ -33,22 +33,47 @@ class Teacher:
 
 @dataclass
 class Outcome:
+    """What a run reports. Test accuracy at the selected epoch (the best by validation accuracy, or
+    the last epoch without a validation split) and at the last epoch; never chosen on test."""
+
     run_id: str
     run_name: str
-    best_top1: float
+    selected_epoch: int
+    selected_top1: float
     last_top1: float
+    val_top1: float | None
     wall_time_s: float
     checkpoint_path: str
     history: list[dict[str, float]] = field(default_factory=list)
     model_uri: str | None = None
 
+    def final_metrics(self) -> dict[str, float]:
+        out = {"final/test_top1_selected": self.selected_top1, "final/test_top1_last": self.last_top1,
+               "final/selected_epoch": self.selected_epoch, "final/wall_time_s": self.wall_time_s,
+               # The literature's figure (best epoch on the test split): optimistic, never used to choose.
+               "final/test_top1_best_epoch_optimistic": max(h["test/top1"] for h in self.history)}
+        if self.val_top1 is not None:
+            out["final/val_top1_selected"] = self.val_top1
+        return out
+
 
 def dataset_info(config: dict[str, Any]) -> dict[str, Any]:
-    """Open (and checksum) the prepared dataset once on the driver; workers get only this summary."""
+    """Open (and checksum) the prepared dataset once on the driver and carve the validation split;
+    workers get only this summary (with the validation rows' keys)."""
     dataset = PreparedDataset.open(config["data"]["path"], verify=True)
-    return {"num_classes": dataset.num_classes, "image_shape": list(dataset.image_shape), "mean": list(dataset.mean),
-            "std": list(dataset.std), "train_rows": dataset.rows("train"), "test_rows": dataset.rows("test"),
-            "path": str(Path(config["data"]["path"]).resolve())}
+    info = {"name": dataset.name, "source": dataset.source, "num_classes": dataset.num_classes,
+            "image_shape": list(dataset.image_shape), "mean": list(dataset.mean), "std": list(dataset.std),
+            "train_rows": dataset.rows("train"), "test_rows": dataset.rows("test"), "val_rows": 0,
+            "path": str(Path(config["data"]["path"]).resolve()), "val_keys": None}
+    fraction = config["data"]["val_fraction"]
+    if fraction > 0:
+        images, labels = dataset.load_numpy("train")
+        try:
+            split = val_split.carve(images, labels, fraction, config["data"]["val_seed"], dataset.classes)
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from None
+        info.update(val_keys=split.keys, val_rows=split.rows, train_rows=dataset.rows("train") - split.rows)
+    return info
 
 
 def ensure_ray() -> None:
@@ -92,7 +117,9 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
     datasets, data_config = None, None
     if not config["data"]["in_memory"]:
         dataset = PreparedDataset.open(config["data"]["path"], verify=False)
-        datasets = ray_datasets(dataset, train_cfg["workers"])
+        info = loop_context["dataset_info"]
+        val = (info["val_keys"], config["data"]["val_seed"]) if info["val_keys"] is not None else None
+        datasets = ray_datasets(dataset, train_cfg["workers"], val)
         data_config = unequal_split_data_config()
     storage = train_cfg["storage_path"]
     if "://" not in storage:
@@ -134,7 +161,8 @@ def train(
         teacher = load_teacher(config, info)
     uri = tracking.tracking_uri(config)
     tags = {"method": config["method"]["name"], "student": config["model"]["student"], "dataset": info["path"],
-            "seed": str(config["train"]["seed"]), "workers": str(config["train"]["workers"]), **(extra_tags or {})}
+            "seed": str(config["train"]["seed"]), "workers": str(config["train"]["workers"]),
+            "train_rows": str(info["train_rows"]), "val_rows": str(info["val_rows"]), **(extra_tags or {})}
     if teacher is not None:
         tags.update({"teacher_uri": teacher.uri, "teacher_model": teacher.spec["name"],
                      "teacher_object_id": teacher.ref.hex()})
@@ -155,13 +183,15 @@ def train(
         wall = time.perf_counter() - start
         with result.checkpoint.as_directory() as directory:
             state = checkpoint.load(directory)
-            outcome = Outcome(run_id=run_id, run_name=run_name, best_top1=state["best_acc"],
-                              last_top1=state["history"][-1]["test/top1"], wall_time_s=wall,
-                              checkpoint_path=result.checkpoint.path, history=state["history"])
-            tracking.log_metrics(uri, run_id, {"final/best_top1": outcome.best_top1,
-                                               "final/last_top1": outcome.last_top1, "final/wall_time_s": wall},
-                                 step=len(state["history"]))
-            outcome.model_uri = log_artifacts(config, state, run_name, info["image_shape"])
+        selection = state["selection"]
+        outcome = Outcome(run_id=run_id, run_name=run_name, selected_epoch=selection["epoch"],
+                          selected_top1=selection["test_top1"], last_top1=state["history"][-1]["test/top1"],
+                          val_top1=selection["val_top1"] if info["val_keys"] is not None else None,
+                          wall_time_s=wall, checkpoint_path=result.checkpoint.path, history=state["history"])
+        tracking.log_metrics(uri, run_id, outcome.final_metrics(), step=len(state["history"]))
+        tracking.set_tags(uri, run_id, {"selected_epoch": selection["epoch"],
+                                        "selected_by": "val/top1" if outcome.val_top1 is not None else "last epoch"})
+        outcome.model_uri = log_artifacts(config, state, run_name, info["image_shape"])
     return outcome
 
 
@@ -177,10 +207,13 @@ def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, 
         curve = tracking.learning_curve(state["history"], tmp / "learning_curve.png",
                                         f"{run_name}: {config['method']['name']} {config['model']['student']}")
         mlflow.log_artifact(str(curve))
+        # The selected epoch's student, not necessarily the last one.
+        selected = state["selection"]
         model = checkpoint.build_model(state["model"])
-        model.load_state_dict(state["student"])
-        weights = checkpoint.save({"model": state["model"], "student": state["student"],
-                                   "best_acc": state["best_acc"]}, tmp / "weights")
+        model.load_state_dict(selected["student"])
+        weights = checkpoint.save({"model": state["model"], "student": selected["student"],
+                                   "selected_epoch": selected["epoch"], "test_top1": selected["test_top1"]},
+                                  tmp / "weights")
         spec = state["model"]
         h, w = image_shape[0], image_shape[1]
         example = np.zeros((2, spec["in_channels"], h, w), dtype=np.float32)  # batch 1 would be specialized

@@ -3,7 +3,7 @@
 A space file::
 
     method: stkd                       # the method every trial trains
-    metric: test/top1                  # optional, reported per epoch; maximised
+    metric: val/top1                   # optional (the default), reported per epoch; maximised
     parameters:
       method.temperature: {distribution: loguniform, low: 1.0, high: 10.0}
       method.teacher_target: {distribution: choice, values: [mixed_input, mixed_output]}
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from pipeline import config as config_lib
 from stkd import methods
@@ -30,10 +28,8 @@ NON_NEGATIVE = {"method.ce_weight", "method.kd_weight", "method.clean_kd_weight"
                 "method.tckd_weight", "method.nckd_weight", "method.warmup_epochs", "optim.weight_decay",
                 "optim.momentum"}
 
-
 class SpaceError(ValueError):
     """A search space file is invalid; the message names the file and the key."""
-
 
 def find_space(name_or_path: str | Path) -> Path:
     found = config_lib.find_shipped(name_or_path, SPACES_DIR)
@@ -42,17 +38,11 @@ def find_space(name_or_path: str | Path) -> Path:
                          f"{config_lib.shipped_names(SPACES_DIR)})")
     return found
 
-
 def load_space(name_or_path: str | Path) -> dict[str, Any]:
     """Read and validate a space; returns ``{"file", "method", "metric", "parameters"}``."""
     path = find_space(name_or_path)
     where = str(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{where}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise SpaceError(f"{where}: must be a mapping with 'method' and 'parameters'")
+    data = config_lib.read_mapping(path, SpaceError, "'method' and 'parameters'")
     unknown = set(data) - {"method", "metric", "parameters", "description"}
     if unknown:
         raise SpaceError(f"{where}: unknown top-level key(s) {sorted(unknown)}; "
@@ -66,8 +56,11 @@ def load_space(name_or_path: str | Path) -> dict[str, Any]:
     takes = {f"method.{k}" for k in methods.hparam_defaults(method)}
     for key, spec in parameters.items():
         check_parameter(where, method, key, spec, takes)
-    return {"file": where, "method": method, "metric": data.get("metric", "test/top1"), "parameters": parameters}
-
+    metric = data.get("metric", "val/top1")
+    if not isinstance(metric, str) or not metric.startswith("val/"):
+        raise SpaceError(f"{where}: metric: trials are compared on the validation split (val/top1, val/top5), "
+                         f"never on test; got {metric!r}")
+    return {"file": where, "method": method, "metric": metric, "parameters": parameters}
 
 def check_parameter(where: str, method: str, key: str, spec: Any, takes: set[str]) -> None:
     if key not in takes | OPTIM_KEYS:
@@ -105,7 +98,6 @@ def check_parameter(where: str, method: str, key: str, spec: Any, takes: set[str
         if bad or "values" not in spec:
             raise SpaceError(f"{where}: {key}: values must be among {list(methods.TEACHER_TARGETS)}, got {bad}")
 
-
 def to_tune(parameters: dict[str, Any]) -> dict[str, Any]:
     """The Tune param_space: one flat key per dotted config key."""
     from ray import tune
@@ -124,7 +116,6 @@ def to_tune(parameters: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = tune.grid_search(spec["values"])
     return out
-
 
 def apply(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """A trial's config: the base config with the sampled dotted keys set, validated."""

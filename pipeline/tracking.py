@@ -136,9 +136,13 @@ def learning_curve(history: list[dict[str, float]], path: str | Path, title: str
         ax_loss.plot(epochs, [h.get(key, float("nan")) for h in history], label=key.removeprefix("loss/"))
     ax_loss.set(xlabel="epoch", ylabel="weighted loss term", title="loss terms")
     ax_loss.legend()
-    for key, label in (("train/acc", "train (vs first label)"), ("test/top1", "test top-1"), ("test/top5", "test top-5")):
+    for key, label in (("train/acc", "train (mixed batches: vs mixed labels)"), ("val/top1", "validation top-1"),
+                       ("test/top1", "test top-1"), ("test/top5", "test top-5")):
         if any(key in h for h in history):
             ax_acc.plot(epochs, [h.get(key, float("nan")) for h in history], label=label)
+    selected = history[-1].get("selected/epoch")
+    if selected is not None:
+        ax_acc.axvline(selected + 1, color="grey", linestyle=":", label=f"selected epoch ({int(selected) + 1})")
     ax_acc.set(xlabel="epoch", ylabel="accuracy %", title="accuracy")
     ax_acc.legend()
     fig.suptitle(title)

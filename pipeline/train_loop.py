@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 import time
 from typing import Any
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from pipeline import checkpoint, teacher_store
 from pipeline.data_feed import InMemoryFeed, RayDataFeed
 from pipeline.dataset import PreparedDataset
+from pipeline.val_split import validation_mask
 from stkd import methods, models
 from stkd.augment import nhwc_to_nchw, normalize, random_crop_flip
 from stkd.training import train_step
@@ -56,19 +58,47 @@ class Step:
 
 
 def make_feeds(config, info, rank, world, device):
+    """Train, validation (None without a validation split) and test feeds for this worker."""
     data, optim, seed = config["data"], config["optim"], config["train"]["seed"]
+    val_keys = info.get("val_keys")
     if data["in_memory"]:
         dataset = PreparedDataset.open(info["path"], verify=False)
-        train = InMemoryFeed(dataset, "train", optim["batch_size"], rank, world, device, shuffle=True, seed=seed)
-        test = InMemoryFeed(dataset, "test", data["eval_batch_size"], rank, world, device, shuffle=False)
-        return train, test
+        images, labels = dataset.load_numpy("train")
+        val = None
+        if val_keys is not None:
+            held_out = validation_mask(images, val_keys, data["val_seed"])
+            val = InMemoryFeed(images[held_out], labels[held_out], data["eval_batch_size"], rank, world, device,
+                               shuffle=False)
+            images, labels = images[~held_out], labels[~held_out]
+        train = InMemoryFeed(images, labels, optim["batch_size"], rank, world, device, shuffle=True, seed=seed)
+        test = InMemoryFeed.from_split(dataset, "test", data["eval_batch_size"], rank, world, device, shuffle=False)
+        return train, val, test
     import ray.train
 
-    local_batch = max(optim["batch_size"] // world, 1)
-    train = RayDataFeed(ray.train.get_dataset_shard("train"), info["image_shape"], local_batch, device, True, seed)
-    test = RayDataFeed(ray.train.get_dataset_shard("test"), info["image_shape"], data["eval_batch_size"], device,
-                       False, seed)
-    return train, test
+    def shard_feed(split, batch_size, shuffle):
+        return RayDataFeed(ray.train.get_dataset_shard(split), info["image_shape"], batch_size, device, shuffle, seed)
+
+    train = shard_feed("train", max(optim["batch_size"] // world, 1), True)
+    val = shard_feed("val", data["eval_batch_size"], False) if val_keys is not None else None
+    return train, val, shard_feed("test", data["eval_batch_size"], False)
+
+
+def lr_factor(optim: dict[str, Any]):
+    """The epoch -> learning-rate factor of ``optim.schedule``, after ``optim.warmup_epochs`` of linear warm-up."""
+    epochs, warmup, milestones, gamma = optim["epochs"], optim["warmup_epochs"], optim["milestones"], optim["gamma"]
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / warmup
+        if optim["schedule"] == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+        return gamma ** sum(epoch >= m for m in milestones)
+
+    return factor
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(optim))
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
@@ -83,10 +113,9 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
             dist.broadcast(buffer.data, src=0)
 
 
-def evaluate(model: torch.nn.Module, feed, step: Step, autocast) -> dict[str, float]:
-    """Top-1/top-5 over the whole test split: per-worker counts summed across workers, so the result
-    equals a single-process evaluation of rank 0's model."""
-    broadcast_buffers(model)
+def evaluate(model: torch.nn.Module, feed, step: Step, autocast, split: str = "test") -> dict[str, float]:
+    """Top-1/top-5 over a whole split: per-worker counts summed across workers, so the result
+    equals a single-process evaluation of rank 0's model. Call ``broadcast_buffers`` first."""
     model.eval()
     device = next(model.parameters()).device
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, seen
@@ -98,7 +127,39 @@ def evaluate(model: torch.nn.Module, feed, step: Step, autocast) -> dict[str, fl
             hits = topk == labels[:, None]
             counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
     top1, top5, seen = all_reduce_sum(counts).tolist()
-    return {"test/top1": 100 * top1 / seen, "test/top5": 100 * top5 / seen, "test/seen": seen}
+    return {f"{split}/top1": 100 * top1 / seen, f"{split}/top5": 100 * top5 / seen, f"{split}/seen": seen}
+
+
+class Selection:
+    """The selected epoch: the best by ``val/top1`` (the earliest of equals), or the last epoch when
+    there is no validation split. Rank 0 keeps a CPU copy of the selected student's weights."""
+
+    def __init__(self, has_val: bool, state: dict[str, Any] | None = None) -> None:
+        self.has_val = has_val
+        state = state or {}
+        self.epoch = state.get("epoch", -1)
+        self.val_top1 = state.get("val_top1", float("-inf"))
+        self.test_top1 = state.get("test_top1", float("nan"))
+        self.weights = state.get("student")
+
+    def update(self, epoch: int, metrics: dict[str, float], model: torch.nn.Module, rank: int) -> None:
+        if self.has_val and not metrics["val/top1"] > self.val_top1:
+            return
+        self.epoch, self.test_top1 = epoch, metrics["test/top1"]
+        self.val_top1 = metrics.get("val/top1", float("nan"))
+        if self.has_val and rank == 0:
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def metrics(self) -> dict[str, float]:
+        out = {"selected/epoch": self.epoch, "selected/test_top1": self.test_top1}
+        if self.has_val:
+            out["selected/val_top1"] = self.val_top1
+        return out
+
+    def state(self, model: torch.nn.Module) -> dict[str, Any]:
+        """For the checkpoint; the weights are the current model's when the last epoch is the selected one."""
+        weights = self.weights if self.has_val else model.state_dict()
+        return {"epoch": self.epoch, "val_top1": self.val_top1, "test_top1": self.test_top1, "student": weights}
 
 
 def train_loop_per_worker(ctx: dict[str, Any]) -> None:
@@ -136,7 +197,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     method = methods.create(config["method"]["name"], student, teacher, generator=method_rng, **hparams)
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
                                 weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"])
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, optim_cfg["milestones"], optim_cfg["gamma"])
+    scheduler = make_scheduler(optimizer, optim_cfg)
     step = Step(config, info, device, seed * 104_729 + rank)
 
     bf16 = resolve_auto(train_cfg["bf16"], device)
@@ -144,7 +205,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    start_epoch, best, history = 0, 0.0, []
+    start_epoch, history, selection_state = 0, [], None
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
@@ -154,10 +215,11 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         step.generator.set_state(state["rng"]["augment"][rank % len(state["rng"]["augment"])])
         method_rng.set_state(state["rng"]["method"][rank % len(state["rng"]["method"])])
-        start_epoch, best, history = state["epoch"] + 1, state["best_acc"], state["history"]
+        start_epoch, history, selection_state = state["epoch"] + 1, state["history"], state["selection"]
         log.info("rank %d resumed from epoch %d", rank, state["epoch"])
 
-    train_feed, test_feed = make_feeds(config, info, rank, world, device)
+    train_feed, val_feed, test_feed = make_feeds(config, info, rank, world, device)
+    selection = Selection(val_feed is not None, selection_state)
     uneven = not config["data"]["in_memory"] and world > 1
     epochs = optim_cfg["epochs"]
 
@@ -176,7 +238,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
                 n = len(labels)
                 for name, value in terms.items():
                     term_sums[name] = term_sums.get(name, 0) + value.detach() * n
-                correct += (logits.detach().argmax(1) == labels).sum()
+                correct += method.train_correct(logits.detach(), labels)
                 seen += n
         scheduler.step()
         if device.type == "cuda":
@@ -192,16 +254,20 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         metrics["loss/total"] = sum(metrics.values())
         metrics.update({"train/acc": 100 * totals[-2] / total_seen, "lr": lr, "epoch_time_s": train_time,
                         "images_per_s": total_seen / train_time, "epoch": epoch})
-        metrics.update(evaluate(raw_student, test_feed, step, autocast))
-        best = max(best, metrics["test/top1"])
-        metrics["test/best_top1"] = best
-        history.append({k: v for k, v in metrics.items()})
+        broadcast_buffers(raw_student)
+        if val_feed is not None:
+            metrics.update(evaluate(raw_student, val_feed, step, autocast, "val"))
+        metrics.update(evaluate(raw_student, test_feed, step, autocast, "test"))
+        selection.update(epoch, metrics, raw_student, rank)
+        metrics.update(selection.metrics())
+        history.append(dict(metrics))
 
         last = epoch == epochs - 1
         if (epoch + 1) % train_cfg["checkpoint_every"] == 0 or last:
             report_with_checkpoint(metrics, {
                 "model": spec, "student": raw_student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best, "history": history,
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                "selection": selection.state(raw_student),
                 "rng": gather_rng_states(step.generator, method_rng, world, device), "config_name": config["name"],
             }, rank)
         else:

@@ -25,6 +25,7 @@ from pipeline import config as config_lib, run as run_lib, search_space, trackin
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "stkd_sweep.json"
+SELECTED_VAL, SELECTED_TEST = "selected/val_top1", "selected/test_top1"  # reported by every epoch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,16 +50,31 @@ def trial_resources(config: dict[str, Any]) -> dict[str, float]:
 def concurrency(config: dict[str, Any], cluster: dict[str, float], samples: int, cap: int | None) -> int:
     """Trials that fit in the cluster at once (several small students share a GPU with fractional GPUs).
 
-    Each trial's own driver process holds a sliver of CPU, so the trainers' workers never wait on
-    resources held by trial drivers: on 2 CPUs the sweep cannot deadlock.
+    Each running trial's own driver process holds a sliver of CPU (``TRIAL_CPU``) beside its workers,
+    so the trainers' workers never wait on resources held by trial drivers: on 2 CPUs the sweep cannot
+    deadlock.
     """
     need = trial_resources(config)
-    fits = min(math.floor((cluster.get(k, 0.0) - 0.05 * samples) / v + 1e-9) if k == "CPU"
-               else math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items())
+    fits = min(math.floor(cluster.get(k, 0.0) / (v + (TRIAL_CPU if k == "CPU" else 0.0)) + 1e-9)
+               for k, v in need.items())
     if fits < 1:
         raise config_lib.ConfigError(f"one trial needs {need} but the cluster has {cluster}: lower train.workers, "
                                      "train.cpus_per_worker or train.gpus_per_worker")
     return max(1, min(fits, samples, cap or samples))
+
+
+DEFAULT_VAL_FRACTION = 0.1
+TRIAL_CPU = 0.05  # what a trial's own driver process reserves beside its TorchTrainer
+
+
+def with_validation_split(config: dict[str, Any]) -> dict[str, Any]:
+    """Trials are compared on validation accuracy, never on test: carve one when the recipe has none."""
+    if config["data"]["val_fraction"] > 0:
+        return config
+    log.info("the recipe has no validation split (data.val_fraction=0): trials hold out %d%% of train, "
+             "class-balanced (data.val_seed=%d), and are compared on it", 100 * DEFAULT_VAL_FRACTION,
+             config["data"]["val_seed"])
+    return config_lib.merge(config, {"data": {"val_fraction": DEFAULT_VAL_FRACTION}})
 
 
 def trial(params: dict[str, Any], *, base: dict[str, Any], teacher: run_lib.Teacher | None,
@@ -115,14 +131,14 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
     import ray
     from ray import tune
 
-    base = config_lib.validate(config_lib.merge(base, {"method": {"name": space["method"]}}))
+    base = with_validation_split(config_lib.with_method(base, {"name": space["method"]}))
     if space["method"] != "ce" and not base["teacher"]["source"]:
         raise config_lib.ConfigError(f"the space trains {space['method']!r}, which needs teacher.source")
     info = run_lib.dataset_info(base)
     run_lib.ensure_ray()
     storage = base["train"]["storage_path"]  # a local path (made absolute by config.load) or a URI
     stem = Path(space["file"]).stem
-    name = name or (latest_sweep(storage, stem) if resume else None) or f"tune-{stem}-{uuid.uuid4().hex[:8]}"
+    name = name or (latest_sweep(storage, f"tune-{stem}-") if resume else None) or f"tune-{stem}-{uuid.uuid4().hex[:8]}"
     sweep_dir = f"{storage.rstrip('/')}/{name}"
     if resume and not tune.Tuner.can_restore(sweep_dir):
         raise config_lib.ConfigError(f"no sweep to resume at {sweep_dir}")
@@ -141,7 +157,7 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
                               resume_run_id=state.get("parent_run_id")) as parent_run_id:
         write_text(f"{sweep_dir}/{SWEEP_FILE}", json.dumps({"parent_run_id": parent_run_id}))
         trainable = functools.partial(trial, base=base, teacher=teacher, parent_run_id=parent_run_id)
-        trainable = tune.with_resources(trainable, {"CPU": 0.05})
+        trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
         try:
             results = run_tuner(trainable, space, samples, scheduler, name, storage, resume, sweep_dir,
                                 concurrency(base, ray.cluster_resources(), samples, max_concurrent), metric, epochs,
@@ -200,12 +216,12 @@ def write_text(path: str, text: str) -> None:
         f.write(text.encode())
 
 
-def latest_sweep(storage: str, stem: str) -> str | None:
+def latest_sweep(storage: str, prefix: str) -> str | None:
     import pyarrow.fs
 
     fs, inner = filesystem(storage)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
-    candidates = sorted((i for i in infos if i.base_name.startswith(f"tune-{stem}-")), key=lambda i: i.mtime or 0)
+    candidates = sorted((i for i in infos if i.base_name.startswith(prefix)), key=lambda i: i.mtime or 0)
     return candidates[-1].base_name if candidates else None
 
 
@@ -263,11 +279,13 @@ def summarize(results, base, space, uri, parent_run_id, name) -> dict[str, Any]:
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error is not None]
         raise RuntimeError(f"sweep {name}: no trial reported {metric}; {len(errors)} of {len(results)} trials "
                            f"failed" + (f", first error: {errors[0]}" if errors else ""))
-    best = results.get_best_result(metric=metric, mode="max", scope="last")  # final accuracy, as plotted
+    # Each trial's score is its selected epoch's validation accuracy; its test accuracy is only reported.
+    best = results.get_best_result(metric=SELECTED_VAL, mode="max", scope="last")
     best_params = {k: best.config[k] for k in space["parameters"]}
     best_config = search_space.apply(base, best_params)
     best_config["name"] = f"{base['name']}-best-{name}"
     best_config["train"]["run_name"] = None
+    best_config["data"]["val_fraction"] = 0.0  # the winner retrains on the whole train split
     storage = base["train"]["storage_path"]
     # Written locally beside the sweep's Tune state when storage is local; for a URI, into a temporary
     # folder whose files MLflow keeps.
@@ -276,16 +294,21 @@ def summarize(results, base, space, uri, parent_run_id, name) -> dict[str, Any]:
     table = out_dir / "trials.csv"
     frame.to_csv(table, index=False)
     recipe = out_dir / "best_recipe.yaml"
-    recipe.write_text(f"# Best trial of sweep {name} ({metric} = {best.metrics.get(metric)})\n"
+    recipe.write_text(f"# Best trial of sweep {name}: validation top-1 {best.metrics.get(SELECTED_VAL):.2f} at its "
+                      f"selected epoch (test top-1 there {best.metrics.get(SELECTED_TEST):.2f}, reported only).\n"
+                      "# Retrains on the whole train split (data.val_fraction: 0).\n"
                       + yaml.safe_dump(best_config, sort_keys=False))
-    plot = plot_trials(frame, list(space["parameters"]), metric, out_dir / "accuracy_vs_hyperparameters.png")
+    plot = plot_trials(frame, list(space["parameters"]), SELECTED_VAL, out_dir / "accuracy_vs_hyperparameters.png")
     for path in (table, recipe, plot):
         mlflow.log_artifact(str(path))
-    best_value = float(frame[metric].max()) if metric in frame else float("nan")
-    tracking.log_metrics(uri, parent_run_id, {f"best/{metric}": best_value, "trials": float(len(frame))}, step=0)
-    tracking.set_tags(uri, parent_run_id, {f"best.{k}": v for k, v in best_params.items()})
+    best_value, best_test = float(best.metrics[SELECTED_VAL]), float(best.metrics[SELECTED_TEST])
+    tracking.log_metrics(uri, parent_run_id, {"best/val_top1": best_value, "best/test_top1_selected": best_test,
+                                              "trials": float(len(frame))}, step=0)
+    tracking.set_tags(uri, parent_run_id, {"best_trial": best.metrics.get("trial_id", ""),
+                                           **{f"best.{k}": v for k, v in best_params.items()}})
     return {"name": name, "parent_run_id": parent_run_id, "trials": len(frame), "best_params": best_params,
-            "best_value": best_value, "best_recipe": str(recipe), "table": str(table), "plot": str(plot)}
+            "best_value": best_value, "best_test": best_test, "best_recipe": str(recipe), "table": str(table),
+            "plot": str(plot)}
 
 
 def plot_trials(frame, keys: list[str], metric: str, path: Path) -> Path:
@@ -306,7 +329,7 @@ def plot_trials(frame, keys: list[str], metric: str, path: Path) -> Path:
                 ax.set_xticks(range(len(labels)), labels, rotation=20)
             else:
                 ax.scatter(values, frame[metric])
-        ax.set(xlabel=key, ylabel=f"final {metric}")
+        ax.set(xlabel=key, ylabel=metric)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -314,11 +337,12 @@ def plot_trials(frame, keys: list[str], metric: str, path: Path) -> Path:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    base = config_lib.load(args.recipe, args.overrides)
     space = search_space.load_space(args.space)
+    # The space's method replaces the recipe's: hyperparameters follow the method (config.load).
+    base = config_lib.load(args.recipe, [f"method.name={space['method']}", *args.overrides])
     summary = sweep(base, space, args.samples, args.scheduler, args.name, args.resume, args.max_concurrent)
-    print(f"sweep {summary['name']}: {summary['trials']} trials, best final {space['metric']} "
-          f"{summary['best_value']:.2f} with {summary['best_params']}")
+    print(f"sweep {summary['name']}: {summary['trials']} trials; best validation top-1 {summary['best_value']:.2f} "
+          f"(test top-1 at its selected epoch {summary['best_test']:.2f}) with {summary['best_params']}")
     print(f"MLflow parent run: {summary['parent_run_id']}")
     print(f"best recipe: {summary['best_recipe']}  (run it: stkd distill --recipe {summary['best_recipe']})")
     print(f"trials table: {summary['table']}; plot: {summary['plot']}")

@@ -6,6 +6,17 @@ import torch
 import torch.nn.functional as F
 
 
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """Z-score each sample's logits over the class dimension, in float32.
+
+    Logit standardization (Sun et al., CVPR 2024): ``(z - mean(z)) / (std(z) + 1e-7)``, with the
+    unbiased std of the reference code. The result does not depend on a per-sample shift or
+    positive scale of the logits, so the student need not match the teacher's logit range.
+    """
+    z = logits.float()
+    return (z - z.mean(dim=-1, keepdim=True)) / (z.std(dim=-1, keepdim=True) + 1e-7)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton KD: ``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch.
 

@@ -1,8 +1,9 @@
 """Training methods: a method owns student and teacher and turns a batch into named loss terms.
 
 ``forward_train(x, y)`` returns ``(student_logits, {term: weighted_loss})``; the terms sum to the
-training loss, so the trainer can log each by name. ``create(name, student, teacher, **hparams)``
-builds one and validates its hyperparameters.
+training loss, so the trainer can log each by name. ``train_correct(logits, y)`` then counts the
+batch's correct predictions against the labels that batch was trained on.
+``create(name, student, teacher, **hparams)`` builds one and validates its hyperparameters.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stkd.losses import dkd_loss, kd_loss, mixed_cross_entropy, soft_target_loss
+from stkd.losses import dkd_loss, kd_loss, mixed_cross_entropy, soft_target_loss, standardize
 from stkd.mixup import mix
 
 TEACHER_TARGETS = ("mixed_input", "mixed_output")
@@ -75,6 +76,17 @@ class Method(nn.Module):
     def forward_train(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def train_correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Correct predictions among ``logits`` (from the last ``forward_train``), a 0-dim float tensor.
+
+        Stays on the logits' device: the trainer sums it over an epoch without a host sync per step.
+        """
+        return (logits.argmax(1) == y).sum().float()
+
+    def distill_view(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the distillation terms see: standardized when ``standardize`` is set."""
+        return standardize(logits) if self.hparams.get("standardize", False) else logits
+
 
 class CE(Method):
     """The student alone with cross-entropy: baselines and teacher training."""
@@ -89,7 +101,7 @@ class CE(Method):
 class KD(Method):
     """Hinton et al. 2015: ``ce_weight * CE + kd_weight * T^2 * KL(p_t || p_s)``."""
 
-    defaults = {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    defaults = {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize": False}
     terms = ("ce", "kd")
     weight_names = ("ce_weight", "kd_weight")
 
@@ -97,9 +109,10 @@ class KD(Method):
         h = self.hparams
         logits = self.student(x)
         t_logits = self.teacher_logits(x)
+        s_kd, t_kd = self.distill_view(logits), self.distill_view(t_logits)
         return logits, {
             "ce": h["ce_weight"] * F.cross_entropy(logits.float(), y),
-            "kd": h["kd_weight"] * kd_loss(logits, t_logits, h["temperature"]),
+            "kd": h["kd_weight"] * kd_loss(s_kd, t_kd, h["temperature"]),
         }
 
 
@@ -109,7 +122,14 @@ class DKD(Method):
     ``tckd_weight`` and ``nckd_weight`` are the paper's alpha and beta.
     """
 
-    defaults = {"temperature": 4.0, "ce_weight": 1.0, "tckd_weight": 1.0, "nckd_weight": 8.0, "warmup_epochs": 20}
+    defaults = {
+        "temperature": 4.0,
+        "ce_weight": 1.0,
+        "tckd_weight": 1.0,
+        "nckd_weight": 8.0,
+        "warmup_epochs": 20,
+        "standardize": False,
+    }
     weight_names = ("ce_weight", "tckd_weight", "nckd_weight")
     terms = ("ce", "dkd")
 
@@ -122,9 +142,10 @@ class DKD(Method):
         logits = self.student(x)
         t_logits = self.teacher_logits(x)
         ramp = self.warmup_factor()
+        s_kd, t_kd = self.distill_view(logits), self.distill_view(t_logits)
         return logits, {
             "ce": h["ce_weight"] * F.cross_entropy(logits.float(), y),
-            "dkd": ramp * dkd_loss(logits, t_logits, y, h["tckd_weight"], h["nckd_weight"], h["temperature"]),
+            "dkd": ramp * dkd_loss(s_kd, t_kd, y, h["tckd_weight"], h["nckd_weight"], h["temperature"]),
         }
 
 
@@ -142,7 +163,9 @@ class STKD(Method):
     compare: ``mixed_input`` (default) takes ``q_t = softmax(t(xm) / T)``, the teacher's view of
     the virtual sample; ``mixed_output`` takes ``lam * softmax(t(x)/T) + (1 - lam) * softmax(t(x[p])/T)``.
     ``mixup_alpha = 0`` means no mixing (``lam = 1``). ``generator`` (a CPU torch.Generator) makes
-    the draws of ``lam`` and ``p`` reproducible.
+    the draws of ``lam`` and ``p`` reproducible. ``standardize`` z-scores every teacher and student
+    logit vector entering the KD terms (for ``mixed_output``, each clean teacher output before its
+    softmax); the cross-entropy keeps the raw logits.
     """
 
     defaults = {
@@ -152,6 +175,7 @@ class STKD(Method):
         "mixup_alpha": 1.0,
         "teacher_target": "mixed_input",
         "clean_kd_weight": 0.0,
+        "standardize": False,
     }
     weight_names = ("ce_weight", "kd_weight", "clean_kd_weight")
 
@@ -168,10 +192,10 @@ class STKD(Method):
         xm, perm, lam = mix(x, h["mixup_alpha"], self.generator)
         self.last_mix = (perm, lam)
         need_clean_teacher = h["teacher_target"] == "mixed_output" or h["clean_kd_weight"] > 0
-        t_clean = self.teacher_logits(x) if need_clean_teacher else None
+        t_clean = self.distill_view(self.teacher_logits(x)) if need_clean_teacher else None
 
         if h["teacher_target"] == "mixed_input":
-            t_mixed = self.teacher_logits(xm) if lam != 1.0 or t_clean is None else t_clean
+            t_mixed = self.distill_view(self.teacher_logits(xm)) if lam != 1.0 or t_clean is None else t_clean
             q_t = F.softmax(t_mixed.float() / temperature, dim=1)
         else:
             p_clean = F.softmax(t_clean.float() / temperature, dim=1)
@@ -187,11 +211,27 @@ class STKD(Method):
 
         terms = {
             "ce": h["ce_weight"] * mixed_cross_entropy(logits, y, y.index_select(0, perm), lam),
-            "kd": h["kd_weight"] * soft_target_loss(logits, q_t, temperature),
+            "kd": h["kd_weight"] * soft_target_loss(self.distill_view(logits), q_t, temperature),
         }
         if h["clean_kd_weight"] > 0:
-            terms["clean_kd"] = h["clean_kd_weight"] * kd_loss(s_clean, t_clean, temperature)
+            terms["clean_kd"] = h["clean_kd_weight"] * kd_loss(self.distill_view(s_clean), t_clean, temperature)
         return logits, terms
+
+    def train_correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Correct predictions on the last virtual batch, each counted against its mixup label.
+
+        A prediction of ``y`` scores ``lam`` and one of ``y[p]`` scores ``1 - lam``, the same
+        weighting as the mixed cross-entropy, so the count is not judged against a label the
+        student was only partly trained toward.
+        """
+        if self.last_mix is None:
+            return super().train_correct(logits, y)
+        perm, lam = self.last_mix
+        pred = logits.argmax(1)
+        hits_a = (pred == y).sum().float()
+        if lam == 1.0:
+            return hits_a
+        return lam * hits_a + (1.0 - lam) * (pred == y.index_select(0, perm)).sum().float()
 
 
 REGISTRY: dict[str, type[Method]] = {"ce": CE, "kd": KD, "dkd": DKD, "stkd": STKD}
@@ -246,6 +286,11 @@ def validate_hparams(cls: type[Method], teacher: nn.Module | None, hparams: dict
     merged = {**cls.defaults, **hparams}
     for key, value in merged.items():
         default = cls.defaults[key]
+        if isinstance(default, bool):
+            # Checked before numbers: bool is an int subclass, and 0/1 would silently pass as a switch.
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
+            continue
         if isinstance(default, str):
             if value not in TEACHER_TARGETS:
                 raise ValueError(f"{key} must be one of {list(TEACHER_TARGETS)}, got {value!r}")

@@ -59,3 +59,23 @@ def teacher_run(ray_session, mlflow_uri, tiny_overrides):
 
     cfg = config.load("test_tiny", tiny_overrides + ["mlflow.register_as=teacher-test-digits", "optim.epochs=3"])
     return run.train(cfg)
+
+
+@pytest.fixture(scope="session")
+def unique_images(tmp_path_factory) -> Path:
+    """A prepared dataset whose every image is distinct, so rows can be told apart by content."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.prepare import prepare
+
+    root = tmp_path_factory.mktemp("unique")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 23), ("test", 11)):
+        for cls in ("a", "b", "c"):
+            folder = root / "src" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    prepare(root / "src", root / "prepared", progress=False)
+    return root / "prepared"

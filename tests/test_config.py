@@ -17,7 +17,8 @@ def test_tiny_recipe_resolves_with_defaults(base, digits):
     cfg = load(base, "optim.lr=0.2", "method.name=stkd", "teacher.source=some-teacher", "method.temperature=6")
     assert cfg["optim"]["lr"] == 0.2
     assert cfg["method"] == {"name": "stkd", "temperature": 6.0, "ce_weight": 0.1, "kd_weight": 0.9,
-                             "mixup_alpha": 1.0, "teacher_target": "mixed_input", "clean_kd_weight": 0.0}
+                             "mixup_alpha": 1.0, "teacher_target": "mixed_input", "clean_kd_weight": 0.0,
+                             "standardize": False}
     assert cfg["data"]["path"] == str(digits)
     assert cfg["mlflow"]["tracking_uri"]
 
@@ -33,6 +34,10 @@ def test_tiny_recipe_resolves_with_defaults(base, digits):
     ("optim.lr=-1", "optim.lr: must be > 0"),
     ("train.bf16=sometimes", "train.bf16"),
     ("optim.batch_size=1", "global batch"),
+    ("data.val_fraction=1.0", "data.val_fraction: must be in [0, 1), got 1.0"),
+    ("data.val_fraction=-0.1", "data.val_fraction: must be in [0, 1), got -0.1"),
+    ("optim.schedule=linear", "optim.schedule: expected one of multistep, cosine, got 'linear'"),
+    ("optim.warmup_epochs=2", "optim.warmup_epochs: must be in [0, optim.epochs=2), got 2"),
 ])
 def test_invalid_values_get_one_clear_message(base, override, needle):
     with pytest.raises(ConfigError, match="invalid configuration") as info:
@@ -49,9 +54,41 @@ def test_missing_teacher_and_bad_hyperparameters(base):
         load(base, "method.name=kd", "teacher.source=t", "method.temprature=3")
 
 
-def test_hyperparameters_of_other_methods_are_dropped_when_switching(base):
-    cfg = load(base, "method.name=stkd", "teacher.source=t", "method.mixup_alpha=0.3", "method.name=kd")
-    assert "mixup_alpha" not in cfg["method"]
+def test_a_method_switched_on_the_command_line_starts_from_its_own_defaults(base):
+    # The pair recipe is STKD with KD's weights (ce_weight 0.1) and mixup_alpha 0.4.
+    cfg = config.load("cifar100_resnet56_resnet20", [base[0], "method.name=dkd"])
+    assert cfg["method"] == {"name": "dkd", "temperature": 4.0, "ce_weight": 1.0, "tckd_weight": 1.0,
+                             "nckd_weight": 8.0, "warmup_epochs": 20, "standardize": False}
+    cfg = config.load("cifar100_resnet56_resnet20", [base[0], "method.name=dkd", "method.temperature=2"])
+    assert (cfg["method"]["temperature"], cfg["method"]["ce_weight"]) == (2.0, 1.0)
+
+
+def test_the_recipes_own_method_keeps_its_hyperparameters(base):
+    cfg = config.load("cifar100_resnet56_resnet20", [base[0], "method.kd_weight=0.5"])
+    assert (cfg["method"]["name"], cfg["method"]["mixup_alpha"], cfg["method"]["kd_weight"]) == ("stkd", 0.4, 0.5)
+
+
+def test_with_method_follows_the_same_rule(base):
+    stkd = config.load("cifar100_resnet56_resnet20", [base[0]])
+    assert config.with_method(stkd, {"name": "dkd"})["method"]["ce_weight"] == 1.0
+    assert config.with_method(stkd, {"name": "stkd", "standardize": True})["method"]["mixup_alpha"] == 0.4
+    assert config.with_method(stkd, {"name": "kd"})["method"] == {
+        "name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize": False}
+
+
+def test_a_hyperparameter_the_method_does_not_take_is_refused(base):
+    with pytest.raises(ConfigError, match=r"unknown hyperparameter\(s\) \['mixup_alpha'\]"):
+        load(base, "method.name=kd", "teacher.source=t", "method.mixup_alpha=0.3")
+    with pytest.raises(ConfigError, match="method.standardize: .*'ce' has none \\(got True\\)"):
+        load(base, "method.standardize=true")
+
+
+def test_milestones_past_the_end_are_refused_by_name(base):
+    with pytest.raises(ConfigError, match=r"optim.milestones: \[150, 180, 210\] not within the 100 epochs"):
+        config.load("cifar100_resnet56_resnet20", [base[0], "optim.epochs=100"])
+    with pytest.raises(ConfigError, match=r"optim.milestones: \[5\] not within the 3 epochs"):
+        load(base, "optim.schedule=multistep", "optim.epochs=3", "optim.milestones=[1, 5]")
+    assert load(base, "optim.schedule=cosine", "optim.epochs=3", "optim.milestones=[1, 5]")  # ignored by cosine
 
 
 def test_several_problems_are_reported_together(base):

@@ -13,7 +13,6 @@ import torch
 
 from pipeline.data_feed import InMemoryFeed, global_batch_bounds, rank_slice
 from pipeline.dataset import PreparedDataset
-from pipeline.prepare import prepare
 
 
 @pytest.mark.parametrize("rows,batch,world", [(100, 32, 2), (97, 32, 3), (65, 64, 2), (64, 64, 4), (5, 64, 2)])
@@ -27,23 +26,6 @@ def test_global_batches_cover_every_row_once(rows, batch, world):
 def test_rank_slices_partition_the_split():
     parts = [rank_slice(10, r, 3) for r in range(3)]
     assert [i for p in parts for i in range(10)[p]] == list(range(10))
-
-
-@pytest.fixture(scope="module")
-def unique_images(tmp_path_factory) -> Path:
-    """A prepared dataset whose every image is distinct, so rows can be told apart by content."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("unique")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 23), ("test", 11)):
-        for cls in ("a", "b", "c"):
-            folder = root / "src" / split / cls
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    prepare(root / "src", root / "prepared", progress=False)
-    return root / "prepared"
 
 
 def digest(images: torch.Tensor) -> list[str]:
@@ -62,7 +44,7 @@ def test_in_memory_feed_exactly_once(unique_images, world):
     for epoch in range(2):
         seen, steps = [], []
         for rank in range(world):
-            feed = InMemoryFeed(ds, "train", 16, rank, world, torch.device("cpu"), shuffle=True, seed=1)
+            feed = InMemoryFeed.from_split(ds, "train", 16, rank, world, torch.device("cpu"), shuffle=True, seed=1)
             batches = list(feed.batches(epoch))
             steps.append(len(batches))
             seen += [d for images, _ in batches for d in digest(images)]
@@ -70,7 +52,7 @@ def test_in_memory_feed_exactly_once(unique_images, world):
         assert len(set(steps)) == 1, "every worker takes the same number of steps"
     test_seen = []
     for rank in range(world):
-        feed = InMemoryFeed(ds, "test", 4, rank, world, torch.device("cpu"), shuffle=False)
+        feed = InMemoryFeed.from_split(ds, "test", 4, rank, world, torch.device("cpu"), shuffle=False)
         test_seen += [d for images, _ in feed.batches(0) for d in digest(images)]
     assert test_seen == all_digests(unique_images, "test")
 
@@ -83,7 +65,7 @@ def ray_data_probe(ctx):
 
     rank = ray.train.get_context().get_world_rank()
     out = {}
-    for split, shuffle in (("train", True), ("test", False)):
+    for split, shuffle in (("train", True), ("val", False), ("test", False)):
         feed = RayDataFeed(ray.train.get_dataset_shard(split), ctx["shape"], 8, torch.device("cpu"), shuffle, 0)
         for epoch in range(2 if shuffle else 1):
             out[f"{split}{epoch}"] = [d for images, _ in feed.batches(epoch) for d in digest(images)]
@@ -99,14 +81,23 @@ def test_ray_data_round_trip_with_two_workers_exactly_once(ray_session, unique_i
     from pipeline.data_feed import ray_datasets, unequal_split_data_config
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    from pipeline import val_split
+
     ds = PreparedDataset.open(unique_images)
-    datasets = ray_datasets(ds, 2)
+    images, labels = ds.load_numpy("train")
+    split = val_split.carve(images, labels, 0.2, seed=5, class_names=ds.classes)
+    held_out = val_split.validation_mask(images, split.keys, 5)
+    datasets = ray_datasets(ds, 2, (split.keys, 5))
     trainer = TorchTrainer(ray_data_probe, train_loop_config={"shape": list(ds.image_shape), "out": str(tmp_path)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                            datasets=datasets, dataset_config=unequal_split_data_config())
     trainer.fit()
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for key, split in (("train0", "train"), ("train1", "train"), ("test0", "test")):
+    train_digests = np.array(all_digests(unique_images, "train"))
+    expected = {"train": sorted(train_digests[~held_out]), "val": sorted(train_digests[held_out]),
+                "test": sorted(all_digests(unique_images, "test"))}
+    assert len(expected["val"]) == 15
+    for key, split in (("train0", "train"), ("train1", "train"), ("val0", "val"), ("test0", "test")):
         seen = per_rank[0][key] + per_rank[1][key]
-        assert sorted(seen) == sorted(all_digests(unique_images, split)), key
+        assert sorted(seen) == expected[split], key
         assert per_rank[0][key] and per_rank[1][key], "both workers got rows"

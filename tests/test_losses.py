@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stkd.losses import dkd_loss, kd_loss, mixed_cross_entropy
+from stkd.losses import dkd_loss, kd_loss, mixed_cross_entropy, standardize
 
 S = torch.tensor([[2.0, 1.0, 0.1], [0.5, -1.0, 3.0]])
 T = torch.tensor([[1.5, 0.2, 0.3], [0.0, 0.0, 2.0]])
@@ -83,3 +83,49 @@ def test_dkd_matches_independent_tckd_nckd(alpha, beta, temperature):
 
 def test_dkd_zero_for_equal_logits():
     assert dkd_loss(S, S.clone(), Y, 1.0, 8.0, 4.0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def np_standardize(z):
+    """Per-row z-score with the unbiased std, as in the logit standardization reference code."""
+    z = np.asarray(z, dtype=np.float64)
+    return (z - z.mean(axis=1, keepdims=True)) / (z.std(axis=1, ddof=1, keepdims=True) + 1e-7)
+
+
+def test_standardize_matches_numpy_zscore():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 10, generator=g) * torch.tensor([[0.1], [1.0], [5.0], [30.0]]) + 3.0
+    got = standardize(z)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), np_standardize(z.numpy()), rtol=1e-5, atol=1e-5)
+    # Unbiased std: every row of the result has std 1 with ddof=1 (and not with ddof=0).
+    np.testing.assert_allclose(got.numpy().std(axis=1, ddof=1), 1.0, rtol=1e-5)
+
+
+def test_standardize_computes_in_float32():
+    assert standardize(S.to(torch.bfloat16)).dtype == torch.float32
+
+
+def test_standardized_kd_loss_matches_numpy_formula():
+    for temperature in (1.0, 4.0):
+        p_t = np_softmax(np_standardize(T.numpy()) / temperature)
+        p_s = np_softmax(np_standardize(S.numpy()) / temperature)
+        expected = temperature**2 * np_kl(p_t, p_s)
+        got = kd_loss(standardize(S), standardize(T), temperature).item()
+        assert got == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("scale,shift", [(0.5, 0.0), (3.0, -2.0), (1.0, 7.0)])
+def test_standardize_is_invariant_to_shift_and_positive_scale(scale, shift):
+    # The property the paper relies on: the student need not match the teacher's logit range.
+    assert torch.allclose(standardize(S * scale + shift), standardize(S), atol=1e-5)
+    # Per-sample factors too: each row is standardized on its own.
+    per_row_scale, per_row_shift = torch.tensor([[scale], [2.0]]), torch.tensor([[shift], [-1.0]])
+    assert torch.allclose(standardize(S * per_row_scale + per_row_shift), standardize(S), atol=1e-5)
+    expected = kd_loss(standardize(S), standardize(T), 4.0).item()
+    got = kd_loss(standardize(S * scale + shift), standardize(T), 4.0).item()
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_plain_kd_loss_is_not_scale_invariant():
+    # Contrast for the test above: without standardization a scaled student changes the loss.
+    assert kd_loss(S * 3.0, T, 4.0).item() != pytest.approx(kd_loss(S, T, 4.0).item(), rel=1e-3)

@@ -32,7 +32,8 @@ def test_teacher_run_finished_with_metrics_artifacts_and_checkpoint(teacher_run,
         assert r.data.tags[tag]
     history = c.get_metric_history(teacher_run.run_id, "test/top1")
     assert [m.step for m in history] == [0, 1, 2]
-    for key in ("loss/ce", "train/acc", "test/top5", "lr", "images_per_s", "epoch_time_s", "final/best_top1"):
+    for key in ("loss/ce", "train/acc", "test/top5", "lr", "images_per_s", "epoch_time_s",
+                "final/test_top1_selected", "final/test_top1_last", "final/test_top1_best_epoch_optimistic"):
         assert c.get_metric_history(teacher_run.run_id, key), key
     # Evaluation covers the whole test split once, across both workers.
     assert c.get_metric_history(teacher_run.run_id, "test/seen")[-1].value == 360
@@ -41,7 +42,39 @@ def test_teacher_run_finished_with_metrics_artifacts_and_checkpoint(teacher_run,
     assert Path(teacher_run.checkpoint_path, checkpoint.CHECKPOINT_FILE).is_file()
     versions = c.search_model_versions("name='teacher-test-digits'")
     assert versions, "teacher registered"
-    assert teacher_run.best_top1 > 20  # 3 epochs on digits beats chance (10%) by far
+    assert teacher_run.selected_top1 > 20  # 3 epochs on digits beats chance (10%) by far
+    # No validation split: the selected epoch is the last, and nothing is chosen on test.
+    assert teacher_run.selected_epoch == 2 and teacher_run.val_top1 is None
+    assert teacher_run.selected_top1 == teacher_run.last_top1
+    assert r.data.tags["selected_by"] == "last epoch" and not c.get_metric_history(teacher_run.run_id, "val/top1")
+
+
+def test_the_validation_best_epoch_is_selected_and_its_model_logged(ray_session, mlflow_uri, tiny_overrides, digits):
+    from pipeline.dataset import PreparedDataset
+
+    cfg = config.load("test_tiny", tiny_overrides + ["optim.epochs=4", "data.val_fraction=0.2", "optim.lr=0.3",
+                                                     "train.checkpoint_every=3"])
+    outcome = run.train(cfg)
+    vals = [h["val/top1"] for h in outcome.history]
+    assert outcome.selected_epoch == vals.index(max(vals))
+    assert outcome.val_top1 == max(vals)
+    assert outcome.selected_top1 == outcome.history[outcome.selected_epoch]["test/top1"]
+    assert outcome.last_top1 == outcome.history[-1]["test/top1"]
+    c = client(mlflow_uri)
+    r = c.get_run(outcome.run_id)
+    assert r.data.tags["selected_epoch"] == str(outcome.selected_epoch) and r.data.tags["selected_by"] == "val/top1"
+    assert r.data.metrics["final/test_top1_selected"] == outcome.selected_top1
+    assert r.data.metrics["final/val_top1_selected"] == outcome.val_top1
+    assert c.get_metric_history(outcome.run_id, "val/seen")[-1].value == int(r.data.tags["val_rows"]) > 0
+    # The logged model is the selected epoch's: it scores that epoch's test accuracy (within one image).
+    state, _ = teacher_store.fetch(outcome.model_uri)
+    assert state["selected_epoch"] == outcome.selected_epoch
+    model = checkpoint.build_model(state["model"])
+    model.load_state_dict(state["student"])
+    dataset = PreparedDataset.open(digits)
+    images, labels = dataset.load_numpy("test")
+    accuracy = teacher_store.accuracy(model, images, labels, dataset.mean, dataset.std, 512)
+    assert accuracy == pytest.approx(outcome.selected_top1, abs=100 / len(labels) + 1e-9)
 
 
 def test_distill_with_registered_teacher(teacher_run, mlflow_uri, tiny_overrides):
@@ -52,7 +85,7 @@ def test_distill_with_registered_teacher(teacher_run, mlflow_uri, tiny_overrides
     r = client(mlflow_uri).get_run(outcome.run_id)
     assert r.info.status == "FINISHED"
     assert r.data.tags["teacher_uri"].startswith("models:/teacher-test-digits/")
-    assert float(r.data.tags["teacher_test_top1"]) == pytest.approx(teacher_run.last_top1, abs=0.01)
+    assert float(r.data.tags["teacher_test_top1"]) == pytest.approx(teacher_run.selected_top1, abs=0.01)
     assert {"loss/ce", "loss/kd", "loss/total"} <= set(r.data.metrics)
     # The logged student loads back through MLflow.
     model = mlflow.pytorch.load_model(outcome.model_uri)

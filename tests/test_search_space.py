@@ -46,6 +46,8 @@ def test_shipped_spaces_load():
     ("method: stkd\nparameters: {}\n", "non-empty mapping"),
     ("method: stkd\nsamples: 3\nparameters:\n  optim.lr: {distribution: uniform, low: 0.01, high: 0.1}\n",
      "unknown top-level key"),
+    ("method: stkd\nmetric: test/top1\nparameters:\n  optim.lr: {distribution: uniform, low: 0.01, high: 0.1}\n",
+     "metric: trials are compared on the validation split (val/top1, val/top5), never on test; got 'test/top1'"),
 ])
 def test_invalid_spaces_name_file_and_key(tmp_path, body, needle):
     path = write(tmp_path, body)

@@ -47,8 +47,25 @@ def test_sweep_logs_nested_runs_and_ends_every_run(sweep_result, mlflow_uri):
             assert "stopped early by the scheduler (asha" in r.data.tags["end_reason"]
         assert {"method.temperature", "method.mixup_alpha"} <= set(r.data.params)
         assert c.get_metric_history(r.info.run_id, "test/top1")
+        # The recipe had no validation split: the sweep carved one, and every epoch reports on it.
+        assert r.data.params["data.val_fraction"] == "0.1" and int(r.data.tags["val_rows"]) > 0
+        assert c.get_metric_history(r.info.run_id, "val/top1")
     artifacts = {a.path for a in c.list_artifacts(summary["parent_run_id"])}
     assert {"trials.csv", "accuracy_vs_hyperparameters.png", "best_recipe.yaml"} <= artifacts
+
+
+def test_the_parents_best_is_chosen_on_validation(sweep_result, mlflow_uri):
+    import pandas
+
+    summary, _, _ = sweep_result
+    frame = pandas.read_csv(summary["table"])
+    best_row = frame.loc[frame["selected/val_top1"].idxmax()]
+    assert summary["best_value"] == pytest.approx(best_row["selected/val_top1"])
+    assert summary["best_test"] == pytest.approx(best_row["selected/test_top1"])
+    metrics = mlflow.MlflowClient(tracking_uri=mlflow_uri).get_run(summary["parent_run_id"]).data.metrics
+    assert metrics["best/val_top1"] == pytest.approx(summary["best_value"])
+    assert metrics["best/test_top1_selected"] == pytest.approx(summary["best_test"])
+    assert summary["best_params"]["method.temperature"] == pytest.approx(best_row["config/method.temperature"])
 
 
 def test_one_teacher_object_for_the_whole_sweep(sweep_result, mlflow_uri):
@@ -62,6 +79,7 @@ def test_best_recipe_runs_with_distill_unchanged(sweep_result, mlflow_uri):
     summary, _, _ = sweep_result
     recipe = yaml.safe_load(open(summary["best_recipe"]))
     assert recipe["method"]["temperature"] == pytest.approx(summary["best_params"]["method.temperature"])
+    assert recipe["data"]["val_fraction"] == 0.0, "the winner retrains on the whole train split"
     cfg = config.load(summary["best_recipe"], ["optim.epochs=1"])
     outcome = run.train(cfg)
     assert mlflow.MlflowClient(tracking_uri=mlflow_uri).get_run(outcome.run_id).info.status == "FINISHED"

@@ -1,0 +1,78 @@
+"""`stkd study` on digits: two methods x two seeds as parallel runs, the table, one teacher object, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import study, teacher_store
+
+
+def write_spec(folder: Path, methods: str = "  ce: {name: ce}\n  kd: {name: kd}\n", seeds: str = "[0, 1]") -> Path:
+    (folder / "pair.yaml").write_text("base: test_tiny\nname: test-study-pair\nmethod: {name: kd, temperature: 2.0}\n"
+                                      "teacher: {source: teacher-test-digits}\n")
+    spec = folder / "spec.yaml"
+    spec.write_text(f"description: test study\npairs: [{folder / 'pair.yaml'}]\nmethods:\n{methods}seeds: {seeds}\n"
+                    "overrides: {optim.epochs: 1}\n")
+    return spec
+
+
+def test_every_cell_resolves_before_anything_runs(tmp_path, tiny_overrides):
+    spec = write_spec(tmp_path, methods="  ce: {name: ce}\n  kd: {name: kd}\n  dkd-t2: {name: dkd, temperature: 2}\n")
+    loaded = study.load_study(spec, tiny_overrides)
+    assert len(loaded["configs"]) == 3 * 2
+    pair = str(tmp_path / "pair.yaml")
+    kd, ce, dkd = (loaded["configs"][(pair, label, 1)] for label in ("kd", "ce", "dkd-t2"))
+    assert kd["method"]["temperature"] == 2.0, "the pair's own method keeps the pair's hyperparameters"
+    assert (dkd["method"]["temperature"], dkd["method"]["ce_weight"]) == (2.0, 1.0), "another method: its defaults"
+    assert ce["teacher"]["source"] is None and kd["teacher"]["source"] == "teacher-test-digits"
+    assert kd["train"]["seed"] == 1 and kd["data"]["val_fraction"] == 0.1, "every run has a validation split"
+
+
+@pytest.mark.parametrize("methods,seeds,needle", [
+    ("  kd+std: {name: kd}\n", "[0]", "label 'kd+std' may hold only"),
+    ("  kd: {name: kd, mixup_alpha: 0.2}\n", "[0]", "methods.kd on pair"),
+    ("  kd: {temperature: 2}\n", "[0]", "methods.kd: expected {name: method"),
+    ("  kd: {name: kd}\n", "[0, 0]", "seeds: expected a non-empty list of distinct integers"),
+])
+def test_bad_specs_name_the_key(tmp_path, tiny_overrides, methods, seeds, needle):
+    with pytest.raises(study.StudyError, match="spec.yaml") as info:
+        study.load_study(write_spec(tmp_path, methods, seeds), tiny_overrides)
+    assert needle in str(info.value)
+
+
+@pytest.mark.slow
+def test_study_runs_the_grid_writes_the_table_and_resumes(teacher_run, tiny_overrides, mlflow_uri, tmp_path,
+                                                          monkeypatch):
+    puts = []
+    original = teacher_store.put
+    monkeypatch.setattr(teacher_store, "put", lambda state: puts.append(1) or original(state))
+    loaded = study.load_study(write_spec(tmp_path), tiny_overrides)
+    summary = study.run_study(loaded)
+    assert len(puts) == 1, "the pair's teacher was put into the object store once"
+    assert not summary["errors"] and len(summary["rows"]) == 4
+    assert sorted((r["method"], r["seed"]) for r in summary["rows"]) == [("ce", 0), ("ce", 1), ("kd", 0), ("kd", 1)]
+    table = {row["method"]: row for row in summary["table"]}
+    assert set(table) == {"teacher resnet8", "ce", "kd"} and table["kd"]["n"] == 2
+    kd_selected = [r["test_top1_selected"] for r in summary["rows"] if r["method"] == "kd"]
+    assert table["kd"]["selected"][0] == pytest.approx(sum(kd_selected) / 2)
+    assert "| pair | kd | 2 |" in summary["text"]
+
+    c = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    artifacts = {a.path for a in c.list_artifacts(summary["parent_run_id"])}
+    assert {"study_table.md", "study_plot.png", "study_runs.csv", "study_summary.json"} <= artifacts
+    children = c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id],
+                             f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.tags["variant"] for r in children} == {"ce", "kd"}
+    assert all(int(r.data.tags["val_rows"]) > 0 for r in children)
+
+    again = study.run_study(loaded, name=summary["name"], resume=True)
+    assert again["parent_run_id"] == summary["parent_run_id"]
+    children = c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id],
+                             f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    assert len(children) == 4, "no finished run ran again"
+    assert sorted(r["test_top1_selected"] for r in again["rows"]) == sorted(
+        r["test_top1_selected"] for r in summary["rows"])
