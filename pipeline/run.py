@@ -86,6 +86,7 @@ def ensure_ray() -> None:
 
 def load_teacher(config: dict[str, Any], info: dict[str, Any]) -> Teacher:
     """Load the teacher once, check it fits the dataset, measure its test accuracy, ``ray.put`` it once."""
+    tracking.client(tracking.tracking_uri(config))  # a registered name is looked up in the run's own store
     state, uri = teacher_store.fetch(config["teacher"]["source"])
     spec = state["model"]
     if spec["num_classes"] != info["num_classes"] or spec["in_channels"] != info["image_shape"][2]:
