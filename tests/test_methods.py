@@ -242,16 +242,22 @@ def test_standardize_is_an_off_by_default_switch(name):
     assert "standardize" not in methods.hparam_defaults("ce")
 
 
-def test_kd_with_standardize(batch):
-    x, y = batch
+def standardized_and_plain(name, hp, x, y):
+    """The same method with and without standardize, one forward_train of the standardized one."""
     teacher = tiny_net(1)
-    hp = {"temperature": 3.0, "ce_weight": 0.2, "kd_weight": 0.7}
-    m = methods.create("kd", tiny_net(0), teacher, standardize=True, **hp)
-    plain = methods.create("kd", tiny_net(0), tiny_net(1), **hp)
+    m = methods.create(name, tiny_net(0), teacher, standardize=True, **hp)
+    plain = methods.create(name, tiny_net(0), tiny_net(1), **hp)
     m.eval(), plain.eval()
     logits, terms = m.forward_train(x, y)
     with torch.no_grad():
         t = teacher(x)
+    return plain, logits, terms, t
+
+
+def test_kd_with_standardize(batch):
+    x, y = batch
+    hp = {"temperature": 3.0, "ce_weight": 0.2, "kd_weight": 0.7}
+    plain, logits, terms, t = standardized_and_plain("kd", hp, x, y)
     expected_kd = 0.7 * soft_kl(F.softmax(z_score(t) / 3.0, dim=1), z_score(logits), 3.0)
     assert terms["kd"].item() == pytest.approx(expected_kd.item(), rel=1e-5)
     assert terms["kd"].item() == pytest.approx(0.7 * kd_loss(standardize(logits), standardize(t), 3.0).item(), rel=1e-6)
@@ -264,14 +270,8 @@ def test_kd_with_standardize(batch):
 
 def test_dkd_with_standardize(batch):
     x, y = batch
-    teacher = tiny_net(1)
     hp = {"temperature": 2.0, "ce_weight": 0.5, "tckd_weight": 1.0, "nckd_weight": 4.0, "warmup_epochs": 0}
-    m = methods.create("dkd", tiny_net(0), teacher, standardize=True, **hp)
-    plain = methods.create("dkd", tiny_net(0), tiny_net(1), **hp)
-    m.eval(), plain.eval()
-    logits, terms = m.forward_train(x, y)
-    with torch.no_grad():
-        t = teacher(x)
+    plain, logits, terms, t = standardized_and_plain("dkd", hp, x, y)
     expected = dkd_loss(standardize(logits), standardize(t), y, 1.0, 4.0, 2.0)
     assert terms["dkd"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert terms["ce"].item() == pytest.approx(0.5 * F.cross_entropy(logits, y).item(), rel=1e-5)
