@@ -56,8 +56,8 @@ class InMemoryFeed:
         if not shuffle:
             part = rank_slice(len(labels), rank, world_size)
             images, labels = images[part], labels[part]
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-        self.labels = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
+        self.images = torch.from_numpy(images).to(device)
+        self.labels = torch.from_numpy(labels).to(device)
 
     @classmethod
     def from_split(cls, dataset: PreparedDataset, split: str, *args, **kwargs) -> "InMemoryFeed":

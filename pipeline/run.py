@@ -61,10 +61,10 @@ def dataset_info(config: dict[str, Any]) -> dict[str, Any]:
     """Open (and checksum) the prepared dataset once on the driver and carve the validation split;
     workers get only this summary (with the validation rows' keys)."""
     dataset = PreparedDataset.open(config["data"]["path"], verify=True)
-    info = {"name": dataset.name, "source": dataset.source, "num_classes": dataset.num_classes,
-            "image_shape": list(dataset.image_shape), "mean": list(dataset.mean), "std": list(dataset.std),
-            "train_rows": dataset.rows("train"), "test_rows": dataset.rows("test"), "val_rows": 0,
-            "path": str(Path(config["data"]["path"]).resolve()), "val_keys": None}
+    info = {"num_classes": dataset.num_classes, "image_shape": list(dataset.image_shape), "mean": list(dataset.mean),
+            "std": list(dataset.std), "train_rows": dataset.rows("train"), "test_rows": dataset.rows("test"),
+            "val_rows": 0, "path": str(Path(config["data"]["path"]).resolve()), "val_keys": None,
+            "val_positions": None}
     fraction = config["data"]["val_fraction"]
     if fraction > 0:
         images, labels = dataset.load_numpy("train")
@@ -72,7 +72,8 @@ def dataset_info(config: dict[str, Any]) -> dict[str, Any]:
             split = val_split.carve(images, labels, fraction, config["data"]["val_seed"], dataset.classes)
         except ValueError as e:
             raise config_lib.ConfigError(str(e)) from None
-        info.update(val_keys=split.keys, val_rows=split.rows, train_rows=dataset.rows("train") - split.rows)
+        info.update(val_keys=split.keys, val_positions=split.positions, val_rows=split.rows,
+                    train_rows=dataset.rows("train") - split.rows)
     return info
 
 

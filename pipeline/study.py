@@ -28,7 +28,6 @@ import json
 import logging
 import re
 import statistics
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces" / "studies"
 LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")  # what MLflow accepts in a metric name
-DEFAULT_VAL_FRACTION = 0.1
 
 
 class StudyError(config_lib.ConfigError):
@@ -96,8 +94,7 @@ def load_study(name_or_path: str | Path, overrides: list[str] | None = None) -> 
             raise StudyError(f"{where}: pair {pair!r}: {e}") from None
         if base["method"]["name"] != "ce" and not base["teacher"]["source"]:
             raise StudyError(f"{where}: pair {pair!r} names no teacher (teacher.source)")
-        if base["data"]["val_fraction"] == 0:
-            base["data"]["val_fraction"] = DEFAULT_VAL_FRACTION
+        base = tune.with_validation_split(base)
         for label, method in method_specs.items():
             for seed in seeds:
                 cell = config_lib.merge(base, {"train": {"seed": seed}})
@@ -155,15 +152,15 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
     study_dir = f"{storage.rstrip('/')}/{name}"
     if resume and not ray_tune.Tuner.can_restore(study_dir):
         raise StudyError(f"no study to resume at {study_dir}")
-    for pair in study["pairs"]:
-        run_lib.dataset_info(configs[(pair, next(iter(study["methods"])), study["seeds"][0])])  # checks the split
+    teacher_configs = {pair: next(c for (p, _, _), c in configs.items() if p == pair and c["teacher"]["source"])
+                       for pair in study["pairs"]}
+    infos = {pair: run_lib.dataset_info(cfg) for pair, cfg in teacher_configs.items()}  # refuses a bad split early
     run_lib.ensure_ray()
     teachers, by_source = {}, {}
-    for pair in study["pairs"]:
-        cfg = next(c for (p, _, _), c in configs.items() if p == pair and c["teacher"]["source"])
+    for pair, cfg in teacher_configs.items():
         source = cfg["teacher"]["source"]
         if source not in by_source:  # one load and one object per teacher, however many pairs share it
-            by_source[source] = run_lib.load_teacher(cfg, run_lib.dataset_info(cfg))
+            by_source[source] = run_lib.load_teacher(cfg, infos[pair])
         teachers[pair] = by_source[source]
     uri = tracking.tracking_uri(first)
     experiment = first["mlflow"]["experiment"]
@@ -291,8 +288,7 @@ def summarize(study, results, teachers, name, parent_run_id, uri, storage) -> di
     if not rows:
         raise RuntimeError(f"study {name}: no run finished; first error: {errors[0] if errors else 'none'}")
     table = aggregate(study, rows, teachers)
-    out_dir = Path(storage) / name if "://" not in storage else Path(tempfile.mkdtemp(prefix=f"{name}-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = tune.results_dir(storage, name)
     text = format_table(table)
     (out_dir / "study_table.md").write_text(f"# {name}\n\n{study['description']}\n\n{text}\n")
     with open(out_dir / "study_runs.csv", "w", newline="") as f:

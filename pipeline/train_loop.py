@@ -15,13 +15,13 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint, teacher_store
 from pipeline.data_feed import InMemoryFeed, RayDataFeed
 from pipeline.dataset import PreparedDataset
-from pipeline.val_split import validation_mask
 from stkd import methods, models
 from stkd.augment import nhwc_to_nchw, normalize, random_crop_flip
 from stkd.training import train_step
@@ -66,7 +66,8 @@ def make_feeds(config, info, rank, world, device):
         images, labels = dataset.load_numpy("train")
         val = None
         if val_keys is not None:
-            held_out = validation_mask(images, val_keys, data["val_seed"])
+            held_out = np.zeros(len(labels), dtype=bool)
+            held_out[info["val_positions"]] = True  # carved on the driver from the same rows in the same order
             val = InMemoryFeed(images[held_out], labels[held_out], data["eval_batch_size"], rank, world, device,
                                shuffle=False)
             images, labels = images[~held_out], labels[~held_out]

@@ -287,10 +287,7 @@ def summarize(results, base, space, uri, parent_run_id, name) -> dict[str, Any]:
     best_config["train"]["run_name"] = None
     best_config["data"]["val_fraction"] = 0.0  # the winner retrains on the whole train split
     storage = base["train"]["storage_path"]
-    # Written locally beside the sweep's Tune state when storage is local; for a URI, into a temporary
-    # folder whose files MLflow keeps.
-    out_dir = Path(storage) / name if "://" not in storage else Path(tempfile.mkdtemp(prefix=f"{name}-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(storage, name)
     table = out_dir / "trials.csv"
     frame.to_csv(table, index=False)
     recipe = out_dir / "best_recipe.yaml"
@@ -309,6 +306,14 @@ def summarize(results, base, space, uri, parent_run_id, name) -> dict[str, Any]:
     return {"name": name, "parent_run_id": parent_run_id, "trials": len(frame), "best_params": best_params,
             "best_value": best_value, "best_test": best_test, "best_recipe": str(recipe), "table": str(table),
             "plot": str(plot)}
+
+
+def results_dir(storage: str, name: str) -> Path:
+    """Where a sweep or study writes its tables and plots: beside its Tune state when storage is local;
+    for a URI, a temporary folder whose files MLflow keeps."""
+    out_dir = Path(storage) / name if "://" not in storage else Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
 
 
 def plot_trials(frame, keys: list[str], metric: str, path: Path) -> Path:

@@ -19,7 +19,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ValSplit:
-    keys: np.ndarray          # sorted uint64 keys of the validation rows
+    keys: np.ndarray          # sorted uint64 keys of the validation rows (the Ray Data path matches on them)
+    positions: np.ndarray     # their row numbers in the train split as `load_numpy` reads it
     seed: int
     train_counts: list[int]   # rows per class left for training
     val_counts: list[int]     # rows per class held out
@@ -59,7 +60,8 @@ def carve(images: np.ndarray, labels: np.ndarray, fraction: float, seed: int,
         in_class = labels == c
         val_counts.append(int((is_val & in_class).sum()))
         train_counts.append(int((~is_val & in_class).sum()))
-    return ValSplit(keys=val_keys, seed=seed, train_counts=train_counts, val_counts=val_counts)
+    return ValSplit(keys=val_keys, positions=np.flatnonzero(is_val), seed=seed, train_counts=train_counts,
+                    val_counts=val_counts)
 
 
 def validation_mask(images: Any, val_keys: np.ndarray, seed: int) -> np.ndarray:
