@@ -38,6 +38,8 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch": torch.__version__,
+        # 1-, 5- and 15-minute load averages when the result is written: other work on the machine shows here.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
