@@ -346,9 +346,17 @@ def with_epochs(overrides: list[str], config: dict[str, Any], epochs: int) -> li
     return [*overrides, f"optim.epochs={epochs}", f"optim.milestones={milestones}"]
 
 
-def new_run_name(config: dict[str, Any]) -> str:
-    """A name no earlier run has: Ray resumes any run whose (storage_path, name) already exists."""
-    return config["train"]["run_name"] or f"{config['name']}-{uuid.uuid4().hex[:8]}"
+def run_label(config: dict[str, Any], teacher_model: str | None = None) -> str:
+    """What a run is, readable in a list of runs: method, teacher -> student, seed
+    (``stkd-wrn_16_2-resnet8-s0``; ``ce-resnet8-s0`` without a teacher)."""
+    models = [teacher_model, config["model"]["student"]] if teacher_model else [config["model"]["student"]]
+    return "-".join([config["method"]["name"], *models, f"s{config['train']['seed']}"])
+
+
+def new_run_name(config: dict[str, Any], teacher_model: str | None = None) -> str:
+    """``train.run_name``, or the run's label and a short random id: a name no earlier run has,
+    since Ray resumes any run whose (storage_path, name) already exists."""
+    return config["train"]["run_name"] or f"{run_label(config, teacher_model)}-{uuid.uuid4().hex[:4]}"
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

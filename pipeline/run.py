@@ -158,9 +158,9 @@ def train(
     config = config_lib.validate(config)
     info = dataset_info(config)
     ensure_ray()
-    run_name = config_lib.new_run_name(config)
     if teacher is None and config["teacher"]["source"]:
         teacher = load_teacher(config, info)
+    run_name = config_lib.new_run_name(config, teacher.spec["name"] if teacher else None)
     uri = tracking.tracking_uri(config)
     tags = {"method": config["method"]["name"], "student": config["model"]["student"], "dataset": info["path"],
             "seed": str(config["train"]["seed"]), "workers": str(config["train"]["workers"]),

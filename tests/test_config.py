@@ -119,3 +119,12 @@ def test_recipe_base_chain(tmp_path, base):
     (tmp_path / "child.yaml").write_text("base: parent.yaml\noptim:\n  epochs: 7\n")
     cfg = config.load(tmp_path / "child.yaml", base)
     assert (cfg["optim"]["lr"], cfg["optim"]["epochs"], cfg["model"]["student"]) == (0.3, 7, "resnet8")
+
+
+def test_run_names_say_method_teacher_student_and_seed():
+    cfg = config.load("demo_student", ["method.name=stkd", "train.seed=3"])
+    assert config.run_label(cfg, "wrn_16_2") == "stkd-wrn_16_2-resnet8-s3"
+    name = config.new_run_name(cfg, "wrn_16_2")
+    assert name.startswith("stkd-wrn_16_2-resnet8-s3-") and len(name) == len("stkd-wrn_16_2-resnet8-s3-") + 4
+    assert config.run_label(cfg) == "stkd-resnet8-s3"
+    assert config.new_run_name(config.merge(cfg, {"train": {"run_name": "fixed"}})) == "fixed"
