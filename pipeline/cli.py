@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Any, Sequence
@@ -20,6 +21,21 @@ def interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+QUIET_ENV = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # read when mlflow is imported
+    # Lines the driver does not print (Ray's log files keep them): each worker's report, logged by a
+    # Ray Train module whose logger name escapes ray.train.LoggingConfig's level.
+    "RAY_DEDUP_LOGS_SKIP_REGEX": r"Reporting training result \d+: TrainingReport",
+}
+
+
+def quiet_console() -> None:
+    """Ray's and MLflow's routine lines off the console unless ``-v``; a variable the user set wins.
+    Must run before ray or mlflow is imported."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["STKD_VERBOSE"] = "1"  # Ray Train's INFO lines too (pipeline.run.verbose)
+    else:
+        quiet_console()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("alembic", "mlflow", "urllib3", "filelock"):

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "eval_batch_size": 512,
         "val_fraction": 0.0,
         "val_seed": 0,
+        "eval_every": 1,
     },
     "model": {"student": None},
     "teacher": {"source": None, "evaluate": True},
@@ -61,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "checkpoint_every": 10,
         "max_failures": 0,
+        "preemption_watcher": False,
         "storage_path": "runs",
         "run_name": None,
     },
@@ -300,7 +302,7 @@ def check_values(config: dict[str, Any], problems: list[str]) -> None:
     optim, train = config["optim"], config["train"]
     positive = {"optim.lr": optim["lr"], "optim.batch_size": optim["batch_size"], "optim.epochs": optim["epochs"],
                 "train.workers": train["workers"], "train.checkpoint_every": train["checkpoint_every"],
-                "data.eval_batch_size": config["data"]["eval_batch_size"]}
+                "data.eval_batch_size": config["data"]["eval_batch_size"], "data.eval_every": config["data"]["eval_every"]}
     for key, value in positive.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
             problems.append(f"{key}: must be > 0, got {value}")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,22 +36,39 @@ class Row:
     epochs: int
     wall_s: float
     run_id: str
+    phases: dict[str, float]
+
+
+    history: list[dict[str, float]]
 
 
 def row(what: str, outcome: run_lib.Outcome) -> Row:
     return Row(what, outcome.selected_top1, outcome.last_top1, outcome.selected_epoch, len(outcome.history),
-               outcome.wall_time_s, outcome.run_id)
+               outcome.wall_time_s, outcome.run_id, outcome.phases, outcome.history)
 
 
 def run_demo(out: Path, workers: int, seed: int, teacher_epochs: int | None = None,
              student_epochs: int | None = None) -> list[Row]:
-    """Run the demo: the teacher, then ce, kd and stkd students, every run selected on its validation split."""
+    """Run the demo as one MLflow parent run holding the comparison: the teacher, then ce, kd and stkd
+    students, every run selected on its validation split."""
     from pipeline.prepare import prepare
 
     data = out / "digits"
     if not (data / "manifest.json").exists():
         log.info("preparing scikit-learn digits into %s", data)
-        prepare("digits", data)
+        prepare("digits", data, progress=False)
+    uri = tracking.tracking_uri()
+    name = f"demo-s{seed}-{uuid.uuid4().hex[:4]}"
+    params = {"workers": workers, "seed": seed, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs}
+    with tracking.tracked_run(uri, config_lib.load("demo_teacher")["mlflow"]["experiment"], name, params,
+                              {"kind": "demo"}) as parent_id:
+        rows = train_all(data, out, workers, seed, teacher_epochs, student_epochs)
+        log_comparison(uri, parent_id, rows)
+    return rows
+
+
+def train_all(data: Path, out: Path, workers: int, seed: int, teacher_epochs: int | None,
+              student_epochs: int | None) -> list[Row]:
     common = {"data.path": str(data), "train.workers": workers, "train.seed": seed,
               "train.storage_path": str((out / "ray_results").resolve())}
     overrides = [f"{k}={v}" for k, v in common.items()]
@@ -58,7 +77,7 @@ def run_demo(out: Path, workers: int, seed: int, teacher_epochs: int | None = No
     teacher_cfg = config_lib.load("demo_teacher", overrides)
     if teacher_epochs:
         teacher_cfg = config_lib.load("demo_teacher", config_lib.with_epochs(overrides, teacher_cfg, teacher_epochs))
-    log.info("[1/4] teacher %s (method ce)", teacher_cfg["model"]["student"])
+    print(f"[1/4] teacher {teacher_cfg['model']['student']} (method ce), {teacher_cfg['optim']['epochs']} epochs")
     rows.append(row(f"teacher {teacher_cfg['model']['student']}", run_lib.train(teacher_cfg)))
 
     student_overrides = overrides + [f"teacher.source={teacher_cfg['mlflow']['register_as']}"]
@@ -71,10 +90,45 @@ def run_demo(out: Path, workers: int, seed: int, teacher_epochs: int | None = No
     for i, method in enumerate(("ce", "kd", "stkd"), start=2):
         method_overrides = [f"method.name={method}"] + (["teacher.source=null"] if method == "ce" else [])
         cfg = config_lib.load("demo_student", student_overrides + method_overrides)
-        log.info("[%d/4] student %s, method %s", i, cfg["model"]["student"], method)
+        print(f"[{i}/4] student {cfg['model']['student']}, method {method}, {cfg['optim']['epochs']} epochs")
         outcome = run_lib.train(cfg, teacher=None if method == "ce" else teacher)
         rows.append(row(f"{method} student {cfg['model']['student']}", outcome))
     return rows
+
+
+def log_comparison(uri: str, parent_id: str, rows: list[Row]) -> None:
+    """The parent run's artifacts: every student's test curve on one chart, and the table."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "demo_table.md"
+        table.write_text("```\n" + format_table(rows) + "\n```\n")
+        mlflow.log_artifact(str(table))
+        mlflow.log_artifact(str(comparison_plot(rows, Path(tmp) / "demo_comparison.png")))
+    tracking.log_metrics(uri, parent_id, {f"{r.what.split()[0]}/test_top1_selected": r.selected_top1 for r in rows},
+                         step=0)
+
+
+def comparison_plot(rows: list[Row], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teacher, students = rows[0], rows[1:]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in students:
+        measured = [(h["epoch"] + 1, h["test/top1"]) for h in r.history if "test/top1" in h]
+        ax.plot(*zip(*measured), marker="o", label=f"{r.what} (selected {r.selected_top1:.2f}%)")
+    ax.axhline(teacher.selected_top1, color="black", linestyle="--",
+               label=f"{teacher.what} ({teacher.selected_top1:.2f}%, {teacher.epochs} epochs)")
+    ax.set(xlabel="epoch", ylabel="test top-1 %", title="demo: students on digits")
+    ax.set_xticks(range(1, max(r.epochs for r in students) + 1))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def format_table(rows: list[Row]) -> str:

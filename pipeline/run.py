@@ -5,20 +5,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import yaml
 
-from pipeline import checkpoint, config as config_lib, teacher_store, tracking, val_split
+import stkd
+from pipeline import checkpoint, config as config_lib, progress, teacher_store, tracking, val_split
 from pipeline.dataset import PreparedDataset
 
 log = logging.getLogger(__name__)
+
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+USER_ENV = frozenset(os.environ)  # variables the user set, which this module never overrides
+
+
+def verbose() -> bool:
+    """``stkd -v`` (``STKD_VERBOSE=1``): Ray Train's own INFO lines on the console too."""
+    return os.environ.get("STKD_VERBOSE") == "1"
 
 
 @dataclass
@@ -29,6 +40,21 @@ class Teacher:
     uri: str
     spec: dict[str, Any]
     accuracy: float | None = None
+
+
+class Phases(dict):
+    """Seconds spent per named phase, summed over repeats."""
+
+    def add(self, name: str, seconds: float) -> None:
+        self[name] = self.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
 
 
 @dataclass
@@ -46,12 +72,14 @@ class Outcome:
     checkpoint_path: str
     history: list[dict[str, float]] = field(default_factory=list)
     model_uri: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # seconds the driver spent in each part of the run
 
     def final_metrics(self) -> dict[str, float]:
         out = {"final/test_top1_selected": self.selected_top1, "final/test_top1_last": self.last_top1,
                "final/selected_epoch": self.selected_epoch, "final/wall_time_s": self.wall_time_s,
                # The literature's figure (best epoch on the test split): optimistic, never used to choose.
-               "final/test_top1_best_epoch_optimistic": max(h["test/top1"] for h in self.history)}
+               "final/test_top1_best_epoch_optimistic": max(h["test/top1"] for h in self.history
+                                                             if "test/top1" in h)}
         if self.val_top1 is not None:
             out["final/val_top1_selected"] = self.val_top1
         return out
@@ -64,7 +92,7 @@ def dataset_info(config: dict[str, Any]) -> dict[str, Any]:
     info = {"num_classes": dataset.num_classes, "image_shape": list(dataset.image_shape), "mean": list(dataset.mean),
             "std": list(dataset.std), "train_rows": dataset.rows("train"), "test_rows": dataset.rows("test"),
             "val_rows": 0, "path": str(Path(config["data"]["path"]).resolve()), "val_keys": None,
-            "val_positions": None}
+            "val_positions": None, "name": dataset.name, "digest": tracking.dataset_digest(dataset.manifest)}
     fraction = config["data"]["val_fraction"]
     if fraction > 0:
         images, labels = dataset.load_numpy("train")
@@ -106,7 +134,7 @@ def load_teacher(config: dict[str, Any], info: dict[str, Any]) -> Teacher:
 
 
 def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name: str, callbacks=None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.data_feed import ray_datasets, unequal_split_data_config
@@ -126,6 +154,8 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
     storage = train_cfg["storage_path"]
     if "://" not in storage:
         storage = str(Path(storage).resolve())
+    if PREEMPTION_WATCHER not in USER_ENV:  # Ray Train passes it on to the controller
+        os.environ[PREEMPTION_WATCHER] = "1" if train_cfg["preemption_watcher"] else "0"
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_context,
@@ -136,6 +166,7 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
             failure_config=FailureConfig(max_failures=train_cfg["max_failures"]),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or None,
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
         datasets=datasets,
         **({"dataset_config": data_config} if data_config else {}),
@@ -156,10 +187,15 @@ def train(
     passes the one that forwards each epoch's report to Tune).
     """
     config = config_lib.validate(config)
-    info = dataset_info(config)
-    ensure_ray()
+    phases = Phases()
+    called = time.perf_counter()
+    with phases.time("dataset"):
+        info = dataset_info(config)
+    with phases.time("ray_start"):
+        ensure_ray()
     if teacher is None and config["teacher"]["source"]:
-        teacher = load_teacher(config, info)
+        with phases.time("teacher"):
+            teacher = load_teacher(config, info)
     run_name = config_lib.new_run_name(config, teacher.spec["name"] if teacher else None)
     uri = tracking.tracking_uri(config)
     tags = {"method": config["method"]["name"], "student": config["model"]["student"], "dataset": info["path"],
@@ -175,13 +211,19 @@ def train(
                               parent_run_id) as run_id:
         if teacher is not None and teacher.accuracy is not None:
             tracking.log_metrics(uri, run_id, {"teacher/test_top1": teacher.accuracy}, step=0)
+        tracking.log_dataset(run_id, info["name"], info["path"], info["digest"], {
+            "train_rows": info["train_rows"], "val_rows": info["val_rows"], "test_rows": info["test_rows"],
+            "val_fraction": config["data"]["val_fraction"], "val_seed": config["data"]["val_seed"],
+            "num_classes": info["num_classes"], "image_shape": info["image_shape"]})
         loop_context = {"config": config, "dataset_info": info, "teacher_ref": teacher.ref if teacher else None}
         log.info("run %s: %s %s on %s with %d worker(s)", run_name, config["method"]["name"],
                  config["model"]["student"], info["path"], config["train"]["workers"])
         from pipeline.epoch_logger import EpochLogger
 
-        callbacks = [EpochLogger(uri, run_id), *(callbacks or [])]
-        result = make_trainer(config, loop_context, run_name, callbacks).fit()
+        phases.add("mlflow_start", time.perf_counter() - start)
+        with phases.time("fit"), progress.epoch_lines(run_name, config["optim"]["epochs"]) as shown:
+            callbacks = [EpochLogger(uri, run_id), *shown, *(callbacks or [])]
+            result = make_trainer(config, loop_context, run_name, callbacks).fit()
         wall = time.perf_counter() - start
         with result.checkpoint.as_directory() as directory:
             state = checkpoint.load(directory)
@@ -193,8 +235,24 @@ def train(
         tracking.log_metrics(uri, run_id, outcome.final_metrics(), step=len(state["history"]))
         tracking.set_tags(uri, run_id, {"selected_epoch": selection["epoch"],
                                         "selected_by": "val/top1" if outcome.val_top1 is not None else "last epoch"})
-        outcome.model_uri = log_artifacts(config, state, run_name, info["image_shape"])
+        with phases.time("model_export"):
+            outcome.model_uri = log_artifacts(config, state, run_name, info["image_shape"])
+        ending = time.perf_counter()
+    phases.add("mlflow_end", time.perf_counter() - ending)
+    phases.add("total", time.perf_counter() - called)
+    outcome.phases = phases
     return outcome
+
+
+def signature(spec: dict[str, Any], image_shape: list[int]):
+    """The model's input and output, declared rather than inferred from an input example (which MLflow
+    runs through the model and checks by loading the logged model back)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    h, w = image_shape[0], image_shape[1]
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec["in_channels"], h, w))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec["num_classes"]))]))
 
 
 def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, image_shape: list[int]) -> str:
@@ -216,11 +274,11 @@ def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, 
         weights = checkpoint.save({"model": state["model"], "student": selected["student"],
                                    "selected_epoch": selected["epoch"], "test_top1": selected["test_top1"]},
                                   tmp / "weights")
-        spec = state["model"]
-        h, w = image_shape[0], image_shape[1]
-        example = np.zeros((2, spec["in_channels"], h, w), dtype=np.float32)  # batch 1 would be specialized
+        # Pickled with the zoo's code alongside (loads without this package installed): torch.export's
+        # format ("pt2", MLflow's default) traces the model, seconds per run where this takes a fraction.
         info = mlflow.pytorch.log_model(model.eval(), name="model", extra_files=[str(weights)],
-                                        pip_requirements=["torch"], input_example=example,
+                                        pip_requirements=["torch"], signature=signature(state["model"], image_shape),
+                                        serialization_format="pickle", code_paths=[str(Path(stkd.__file__).parent)],
                                         registered_model_name=config["mlflow"]["register_as"])
     return info.model_uri
 

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,12 +58,56 @@ def version_tags() -> dict[str, str]:
     import ray
     import torch
 
-    return {"git_commit": git_commit(), "ray_version": ray.__version__, "torch_version": torch.__version__}
+    commit = git_commit()
+    # mlflow.source.git.commit fills the UI's source column; git_commit stays for earlier runs' queries.
+    return {"git_commit": commit, "mlflow.source.git.commit": commit, "ray_version": ray.__version__,
+            "torch_version": torch.__version__}
+
+
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on training runs
 
 
 def experiment_id(mlflow_client, name: str) -> str:
     exp = mlflow_client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else mlflow_client.create_experiment(name)
+    if exp is None:
+        return mlflow_client.create_experiment(name, tags=EXPERIMENT_TAGS)
+    if any(exp.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):  # created before the tag existed
+        for key, value in EXPERIMENT_TAGS.items():
+            mlflow_client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def dataset_digest(manifest: dict[str, Any]) -> str:
+    """A short digest of a prepared dataset's content: its shards' sha256 sums, from the manifest."""
+    import hashlib
+    import json
+
+    shards = {split: [s["sha256"] for s in part["shards"]] for split, part in manifest["splits"].items()}
+    return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def log_dataset(run_id: str, name: str, path: str, digest: str, profile: dict[str, Any]) -> None:
+    """The prepared dataset as the run's MLflow input (the UI's Datasets column and lineage), with
+    its split sizes as the profile. The run must be this process's active run."""
+    import json
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class PreparedDatasetInput(MetaDataset):
+        @property
+        def profile(self) -> dict[str, Any]:
+            return profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(profile)}
+
+    assert mlflow.active_run() and mlflow.active_run().info.run_id == run_id
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns it matched both
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(path)
+    mlflow.log_input(PreparedDatasetInput(source, name=name, digest=digest), context="training")
 
 
 @contextlib.contextmanager
@@ -85,8 +130,10 @@ def tracked_run(
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id)
     else:
+        # Nested when this process already has an active run: the demo's runs inside its parent run.
         run = mlflow.start_run(experiment_id=experiment_id(c, experiment), run_name=run_name,
-                               tags={**version_tags(), **(tags or {})}, parent_run_id=parent_run_id)
+                               tags={**version_tags(), **(tags or {})}, parent_run_id=parent_run_id,
+                               nested=mlflow.active_run() is not None)
     run_id = run.info.run_id
     status = "FAILED"
     try:
@@ -138,8 +185,9 @@ def learning_curve(history: list[dict[str, float]], path: str | Path, title: str
     ax_loss.legend()
     for key, label in (("train/acc", "train (mixed batches: vs mixed labels)"), ("val/top1", "validation top-1"),
                        ("test/top1", "test top-1"), ("test/top5", "test top-5")):
-        if any(key in h for h in history):
-            ax_acc.plot(epochs, [h.get(key, float("nan")) for h in history], label=label)
+        measured = [(h["epoch"] + 1, h[key]) for h in history if key in h]  # data.eval_every skips epochs
+        if measured:
+            ax_acc.plot(*zip(*measured), marker="." if len(measured) < len(history) else None, label=label)
     selected = history[-1].get("selected/epoch")
     if selected is not None:
         ax_acc.axvline(selected + 1, color="grey", linestyle=":", label=f"selected epoch ({int(selected) + 1})")

@@ -152,6 +152,8 @@ class Selection:
             self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     def metrics(self) -> dict[str, float]:
+        if self.epoch < 0:  # nothing evaluated yet
+            return {}
         out = {"selected/epoch": self.epoch, "selected/test_top1": self.test_top1}
         if self.has_val:
             out["selected/val_top1"] = self.val_top1
@@ -168,6 +170,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    setup_start = time.perf_counter()
     config, info = ctx["config"], ctx["dataset_info"]
     train_cfg, optim_cfg = config["train"], config["optim"]
     context = ray.train.get_context()
@@ -223,6 +226,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     selection = Selection(val_feed is not None, selection_state)
     uneven = not config["data"]["in_memory"] and world > 1
     epochs = optim_cfg["epochs"]
+    setup_time = time.perf_counter() - setup_start
 
     for epoch in range(start_epoch, epochs):
         method.set_epoch(epoch)
@@ -255,15 +259,20 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         metrics["loss/total"] = sum(metrics.values())
         metrics.update({"train/acc": 100 * totals[-2] / total_seen, "lr": lr, "epoch_time_s": train_time,
                         "images_per_s": total_seen / train_time, "epoch": epoch})
-        broadcast_buffers(raw_student)
-        if val_feed is not None:
-            metrics.update(evaluate(raw_student, val_feed, step, autocast, "val"))
-        metrics.update(evaluate(raw_student, test_feed, step, autocast, "test"))
-        selection.update(epoch, metrics, raw_student, rank)
+        last = epoch == epochs - 1
+        if (epoch + 1) % config["data"]["eval_every"] == 0 or last:
+            eval_start = time.perf_counter()
+            broadcast_buffers(raw_student)
+            if val_feed is not None:
+                metrics.update(evaluate(raw_student, val_feed, step, autocast, "val"))
+            metrics.update(evaluate(raw_student, test_feed, step, autocast, "test"))
+            selection.update(epoch, metrics, raw_student, rank)
+            metrics["eval_time_s"] = time.perf_counter() - eval_start
         metrics.update(selection.metrics())
+        if epoch == start_epoch:
+            metrics["setup_time_s"] = setup_time  # model, teacher and data on the worker, once per run
         history.append(dict(metrics))
 
-        last = epoch == epochs - 1
         if (epoch + 1) % train_cfg["checkpoint_every"] == 0 or last:
             report_with_checkpoint(metrics, {
                 "model": spec, "student": raw_student.state_dict(), "optimizer": optimizer.state_dict(),
@@ -273,8 +282,8 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
             }, rank)
         else:
             ray.train.report(metrics)
-        if rank == 0:
-            log.info("epoch %d/%d %s", epoch + 1, epochs,
+        if rank == 0:  # the driver prints each epoch (pipeline.progress); this is for the worker's log file
+            log.debug("epoch %d/%d %s", epoch + 1, epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
 
 
@@ -302,6 +311,8 @@ def report_with_checkpoint(metrics: dict[str, float], state: dict[str, Any], ran
     with tempfile.TemporaryDirectory() as directory:
         checkpoint_obj = None
         if rank == 0:
+            start = time.perf_counter()
             checkpoint.save(state, directory)
             checkpoint_obj = ray.train.Checkpoint.from_directory(directory)
+            metrics = {**metrics, "checkpoint_time_s": time.perf_counter() - start}
         ray.train.report(metrics, checkpoint=checkpoint_obj)

@@ -3,6 +3,7 @@ the teacher shared through one object, determinism of the first epoch."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -30,6 +31,20 @@ def test_teacher_run_finished_with_metrics_artifacts_and_checkpoint(teacher_run,
     assert r.data.params["optim.epochs"] == "3" and r.data.params["train.workers"] == "2"
     for tag in ("git_commit", "ray_version", "torch_version"):
         assert r.data.tags[tag]
+    assert r.data.tags["mlflow.source.git.commit"] == r.data.tags["git_commit"]  # the UI's source column
+    assert r.info.run_name.startswith("ce-resnet8-s0-")
+    experiment = c.get_experiment(r.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # The prepared dataset is the run's input: name, the manifest's digest, split sizes as the profile.
+    [dataset_input] = r.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "digits" and len(dataset_input.dataset.digest) == 12
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
+    profile = json.loads(dataset_input.dataset.profile)
+    assert (profile["train_rows"], profile["val_rows"], profile["test_rows"]) == (1437, 0, 360)
+    signature = mlflow.models.get_model_info(teacher_run.model_uri).signature
+    assert list(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 8, 8]
+    logged = mlflow.pytorch.load_model(teacher_run.model_uri)
+    assert logged(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     history = c.get_metric_history(teacher_run.run_id, "test/top1")
     assert [m.step for m in history] == [0, 1, 2]
     for key in ("loss/ce", "train/acc", "test/top5", "lr", "images_per_s", "epoch_time_s",
@@ -75,6 +90,20 @@ def test_the_validation_best_epoch_is_selected_and_its_model_logged(ray_session,
     images, labels = dataset.load_numpy("test")
     accuracy = teacher_store.accuracy(model, images, labels, dataset.mean, dataset.std, 512)
     assert accuracy == pytest.approx(outcome.selected_top1, abs=100 / len(labels) + 1e-9)
+
+
+def test_evaluation_every_n_epochs_and_always_the_last(ray_session, mlflow_uri, tiny_overrides):
+    cfg = config.load("test_tiny", tiny_overrides + ["optim.epochs=3", "data.eval_every=2", "data.val_fraction=0.2"])
+    outcome = run.train(cfg)
+    c = client(mlflow_uri)
+    for key in ("test/top1", "val/top1", "eval_time_s"):
+        assert [m.step for m in c.get_metric_history(outcome.run_id, key)] == [1, 2], key
+    assert [m.step for m in c.get_metric_history(outcome.run_id, "epoch_time_s")] == [0, 1, 2]
+    assert [m.step for m in c.get_metric_history(outcome.run_id, "setup_time_s")] == [0]
+    assert outcome.selected_epoch in (1, 2)
+    assert "test/top1" not in outcome.history[0] and "selected/epoch" not in outcome.history[0]
+    assert set(outcome.phases) >= {"dataset", "ray_start", "mlflow_start", "fit", "model_export", "total"}
+    assert outcome.phases["total"] >= outcome.phases["fit"] > 0
 
 
 def test_distill_with_registered_teacher(teacher_run, mlflow_uri, tiny_overrides):
