@@ -70,6 +70,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="run_overhead-") as tmp:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
+        from pipeline import cli
+
+        cli.quiet_console()  # the console `stkd demo` has
         from pipeline import demo, tracking
 
         start = time.perf_counter()

@@ -25,6 +25,7 @@ def interrupt_on_sigterm() -> None:
 
 QUIET_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # read when mlflow is imported
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per copied file when a model is logged
     # Lines the driver does not print (Ray's log files keep them): each worker's report, logged by a
     # Ray Train module whose logger name escapes ray.train.LoggingConfig's level.
     "RAY_DEDUP_LOGS_SKIP_REGEX": r"Reporting training result \d+: TrainingReport",
@@ -36,6 +37,8 @@ def quiet_console() -> None:
     Must run before ray or mlflow is imported."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    # Said once in the README (the logged model is a pickle: load it from a store you trust); not every run.
+    logging.getLogger("mlflow.pytorch").addFilter(lambda record: "Pickle or CloudPickle" not in record.getMessage())
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,9 @@ from pipeline.dataset import PreparedDataset
 log = logging.getLogger(__name__)
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# The controller collects each report when it polls the workers (every 2 s by default), and a worker's
+# next report waits for that: an epoch shorter than the interval waited, and so did the end of every run.
+POLL_INTERVAL, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.25
 USER_ENV = frozenset(os.environ)  # variables the user set, which this module never overrides
 
 
@@ -154,8 +157,11 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
     storage = train_cfg["storage_path"]
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    if PREEMPTION_WATCHER not in USER_ENV:  # Ray Train passes it on to the controller
+    # Ray Train passes these on to its controller; a value the user set wins.
+    if PREEMPTION_WATCHER not in USER_ENV:
         os.environ[PREEMPTION_WATCHER] = "1" if train_cfg["preemption_watcher"] else "0"
+    if POLL_INTERVAL not in USER_ENV:
+        os.environ[POLL_INTERVAL] = str(POLL_INTERVAL_S)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_context,
