@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"model: {outcome.model_uri}" + (f"  registered as {cfg['mlflow']['register_as']}"
                                            if cfg["mlflow"]["register_as"] else ""))
     print(f"checkpoint: {outcome.checkpoint_path}")
-    print(f"browse: {ui_hint(tracking_uri(cfg))}")
+    print(f"browse: {ui_hint(tracking_uri(cfg), cfg['mlflow']['experiment'])}")
     return 0
 
 

@@ -18,6 +18,8 @@ from pipeline import config as config_lib, run as run_lib, tracking
 
 log = logging.getLogger(__name__)
 
+EXPERIMENT = "stkd-demo"  # as in the demo's recipes
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="stkd-demo", help="folder for the prepared data and run storage")
@@ -60,7 +62,7 @@ def run_demo(out: Path, workers: int, seed: int, teacher_epochs: int | None = No
     uri = tracking.tracking_uri()
     name = f"demo-s{seed}-{uuid.uuid4().hex[:4]}"
     params = {"workers": workers, "seed": seed, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs}
-    with tracking.tracked_run(uri, config_lib.load("demo_teacher")["mlflow"]["experiment"], name, params,
+    with tracking.tracked_run(uri, EXPERIMENT, name, params,
                               {"kind": "demo"}) as parent_id:
         rows = train_all(data, out, workers, seed, teacher_epochs, student_epochs)
         log_comparison(uri, parent_id, rows)
@@ -148,5 +150,5 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(rows))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
-    print(f"browse the runs: {tracking.ui_hint(tracking.tracking_uri())}")
+    print(f"browse the runs: {tracking.ui_hint(tracking.tracking_uri(), EXPERIMENT)}")
     return 0

@@ -200,6 +200,16 @@ def learning_curve(history: list[dict[str, float]], path: str | Path, title: str
     return Path(path)
 
 
-def ui_hint(uri: str) -> str:
-    """How to browse ``uri``: a server is opened in a browser; a local store through ``mlflow ui``."""
-    return f"open {uri}" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+def ui_hint(uri: str, experiment: str | None = None) -> str:
+    """How to browse ``uri``: a server is opened in a browser; a local store through ``mlflow ui``.
+    With an experiment name, the address of its training runs (MLflow's UI opens on its GenAI pages
+    unless the address or the sidebar's switch says ``Model training``)."""
+    page = ""
+    if experiment:
+        with contextlib.suppress(Exception):
+            found = client(uri).get_experiment_by_name(experiment)
+            if found:
+                page = f"/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000{page}"
