@@ -88,6 +88,7 @@ def record_version(name: str, version: str | int, test_top1: float, tags: dict[s
     for key, value in {ACCURACY_TAG: f"{test_top1:.4f}", **(tags or {})}.items():
         client.set_model_version_tag(name, version, key, str(value))
     current = client.get_registered_model(name).aliases.get(CHAMPION)
+    current = None if current is None else str(current)  # an int from the SQL store
     if current == version:
         return current
     if current is not None:
