@@ -71,12 +71,13 @@ def stkd(*argv: str) -> int:
 def test_published_formats_register_with_accuracy_and_champion(digits, mlflow_uri, trained, tmp_path, capsys):
     name = f"imported-{uuid.uuid4().hex[:6]}"
     untrained = fresh()
-    # RepDistiller's ckpt_epoch_240.pth: accuracy a (CUDA, here CPU) tensor, the optimizer's state beside.
+    # RepDistiller's ckpt_epoch_240.pth (2019: PyTorch's legacy, pre-zip format): accuracy a (CUDA, here
+    # CPU) tensor, the optimizer's state beside.
     repdistiller = tmp_path / "resnet8_vanilla" / "ckpt_epoch_240.pth"
     repdistiller.parent.mkdir()
     torch.save({"epoch": 240, "model": untrained, "accuracy": torch.tensor(11.5),
                 "optimizer": torch.optim.SGD(models.create("resnet8", 10, 1).parameters(), lr=0.1).state_dict()},
-               repdistiller)
+               repdistiller, _use_new_zipfile_serialization=False)
     # A plain state dict saved from a DataParallel model (`module.` prefixes).
     plain = tmp_path / "plain.pth"
     torch.save({f"module.{k}": v for k, v in trained.items()}, plain)
