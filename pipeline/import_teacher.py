@@ -110,7 +110,7 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def listed(names: list[str]) -> str:
     shown = "; ".join(names[:SHOWN])
-    return shown + (f", ... and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+    return shown + (f"; ... and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
 
 
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str, path: Path) -> None:
