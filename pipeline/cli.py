@@ -1,4 +1,4 @@
-"""The ``stkd`` command line: prepare, teacher, distill, tune, study, demo."""
+"""The ``stkd`` command line: prepare, teacher, import-teacher, distill, tune, study, demo."""
 
 from __future__ import annotations
 
@@ -105,6 +105,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+def cmd_import_teacher(args: argparse.Namespace) -> int:
+    from pipeline import import_teacher
+
+    return import_teacher.run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stkd", description="STKD knowledge distillation on Ray, logged to MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -120,11 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_arguments(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("import-teacher", help="register a published teacher (RepDistiller/mdistiller checkpoint "
+                       "or state dict) in MLflow, measured on a prepared test split")
+    from pipeline import import_teacher
+
+    import_teacher.add_arguments(p)
+    p.set_defaults(func=cmd_import_teacher)
+
     p = sub.add_parser("distill", help="train a student with a teacher shared through the object store",
                        epilog=EPILOG)
     add_recipe_arguments(p)
-    p.add_argument("--teacher", help="registered model name[/version], models:/ URI, or checkpoint path "
-                                     "(overrides teacher.source)")
+    p.add_argument("--teacher", help="registered model name (its champion, else latest), name/version, "
+                                     "name@alias, models:/ URI, or checkpoint path (overrides teacher.source)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over a search space", epilog=EPILOG)

@@ -286,5 +286,8 @@ def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, 
                                         pip_requirements=["torch"], signature=signature(state["model"], image_shape),
                                         serialization_format="pickle", code_paths=[str(Path(stkd.__file__).parent)],
                                         registered_model_name=config["mlflow"]["register_as"])
+        if info.registered_model_version is not None:  # its accuracy on the version; `champion` if it is the best
+            teacher_store.record_version(config["mlflow"]["register_as"], info.registered_model_version,
+                                         selected["test_top1"])
     return info.model_uri
 

@@ -22,24 +22,92 @@ log = logging.getLogger(__name__)
 
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file:/")
 
+CHAMPION = "champion"  # the registered version with the best test accuracy; moved by `record_version`
+LATEST = "latest"  # MLflow's own alias for the newest version: reserved, never set by hand
+ACCURACY_TAG = "test_top1"  # on each registered version: its test top-1 (%), what `champion` is chosen by
 
-def resolve_uri(source: str) -> str:
-    """A registered name (``name``, ``name/3``, ``name@alias``) as a ``models:/`` URI; URIs and paths unchanged."""
-    if source.startswith(URI_SCHEMES) or "/" in source.rstrip("/").split("/")[0] or source.startswith((".", "~")):
+REGISTERED = re.compile(r"(?:models:/)?([\w.\-]+)(?:/(\d+)|@([\w\-]+))?")
+
+
+def resolve_uri(source: str, client=None) -> str:
+    """A registered name as a ``models:/name/<version>`` URI; other URIs and paths unchanged.
+
+    ``name/3`` is version 3; ``name@alias`` (or ``models:/name@alias``) the version the alias points
+    to now; a bare ``name`` resolves through ``champion``, else MLflow's ``latest``. Aliases are
+    resolved to their version here, so a run records the exact teacher it used even if an alias
+    later moves.
+    """
+    if source.startswith(URI_SCHEMES) and not source.startswith("models:/") or source.startswith((".", "~", "/")):
         return source
-    import mlflow
-
-    match = re.fullmatch(r"([\w.\-]+)(?:/(\d+)|@([\w\-]+))?", source)
+    match = REGISTERED.fullmatch(source)
     if match is None:
         return source
     name, version, alias = match.groups()
-    if version or alias:
-        return f"models:/{name}/{version}" if version else f"models:/{name}@{alias}"
-    versions = mlflow.MlflowClient().search_model_versions(f"name='{name}'")
-    if not versions:
+    if version:
+        return f"models:/{name}/{version}"
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = client or mlflow.MlflowClient()
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        if alias or source.startswith("models:/"):
+            raise checkpoint.CheckpointError(f"no registered model {name!r} in {mlflow.get_registry_uri()}") from None
         return source  # not a registered model; maybe a relative path
-    latest = max(int(v.version) for v in versions)
-    return f"models:/{name}/{latest}"
+    if alias is None:
+        alias = CHAMPION if CHAMPION in registered.aliases else LATEST
+        how = "its champion" if alias == CHAMPION else "no champion alias, so its latest version"
+    else:
+        how = f"alias {alias}"
+    try:
+        resolved = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        known = ", ".join(sorted(registered.aliases)) or "none"
+        raise checkpoint.CheckpointError(f"registered model {name!r} has no version under alias {alias!r} "
+                                         f"(its aliases: {known}; `latest` once it has a version)") from None
+    top1 = resolved.tags.get(ACCURACY_TAG)
+    log.info("teacher %s: %s -> version %s (test top-1 %s)", source, how, resolved.version,
+             f"{float(top1):.2f}%" if top1 else "not recorded")
+    return f"models:/{name}/{resolved.version}"
+
+
+def record_version(name: str, version: str | int, test_top1: float, tags: dict[str, str] | None = None,
+                   client=None) -> str:
+    """Tag a newly registered version with its test accuracy and make it ``champion`` if it beats the
+    current champion's (or there is none). Returns the version ``champion`` points to now.
+
+    ``latest`` needs nothing: MLflow resolves that alias to the newest version itself.
+    """
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    version = str(version)
+    for key, value in {ACCURACY_TAG: f"{test_top1:.4f}", **(tags or {})}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    current = client.get_registered_model(name).aliases.get(CHAMPION)
+    current = None if current is None else str(current)  # an int from the SQL store
+    if current == version:
+        return current
+    if current is not None:
+        best = client.get_model_version(name, current).tags.get(ACCURACY_TAG)
+        if best is None:
+            # Set by hand (no accuracy recorded): a person's choice, kept.
+            log.warning("%s version %s: champion is version %s, which records no %s; left as it is",
+                        name, version, current, ACCURACY_TAG)
+            return current
+        if test_top1 <= float(best):
+            log.info("%s version %s: test top-1 %.2f%%, not above champion version %s (%.2f%%); champion kept",
+                     name, version, test_top1, current, float(best))
+            return current
+        log.info("%s version %s: test top-1 %.2f%% beats champion version %s (%.2f%%); now champion",
+                 name, version, test_top1, current, float(best))
+    else:
+        log.info("%s version %s: test top-1 %.2f%%, the first champion", name, version, test_top1)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return version
 
 
 def fetch(source: str) -> tuple[dict[str, Any], str]:

@@ -1,0 +1,92 @@
+"""The teacher registry: accuracy on each version, `champion` moved only by a better one, bare names
+resolved through `champion` then MLflow's `latest`, explicit versions and aliases kept."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import mlflow
+import pytest
+
+from pipeline import teacher_store
+from pipeline.checkpoint import CheckpointError
+
+
+@pytest.fixture
+def registry(mlflow_uri, tmp_path):
+    """A fresh registered model name in the session's SQLite store, and a function adding a version."""
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_registry_uri(mlflow_uri)
+    name = f"teacher-registry-{uuid.uuid4().hex[:6]}"
+    client.create_registered_model(name)
+
+    def add_version() -> str:
+        return str(client.create_model_version(name, source=str(tmp_path)).version)  # an int from the SQL store
+
+    return client, name, add_version
+
+
+def test_champion_moves_only_to_a_better_version_and_latest_is_the_newest(registry):
+    client, name, add = registry
+    scores = {add(): 50.0, add(): 40.0, add(): 60.0, add(): 60.0}  # versions 1..4
+    champions = [teacher_store.record_version(name, v, acc, {"source": "test"}, client=client)
+                 for v, acc in scores.items()]
+    # First becomes champion; 40 does not beat 50; 60 does; a tie does not move it.
+    assert champions == ["1", "1", "3", "3"]
+    assert str(client.get_model_version_by_alias(name, teacher_store.CHAMPION).version) == "3"
+    assert str(client.get_model_version_by_alias(name, teacher_store.LATEST).version) == "4"
+    for version, acc in scores.items():
+        tags = client.get_model_version(name, version).tags
+        assert float(tags[teacher_store.ACCURACY_TAG]) == acc and tags["source"] == "test"
+
+
+def test_a_champion_set_by_hand_without_accuracy_is_kept(registry, caplog):
+    client, name, add = registry
+    first, second = add(), add()
+    client.set_registered_model_alias(name, teacher_store.CHAMPION, first)
+    with caplog.at_level(logging.WARNING, logger="pipeline.teacher_store"):
+        assert teacher_store.record_version(name, second, 99.0, client=client) == first
+    assert "records no test_top1" in caplog.text
+
+
+def test_a_bare_name_resolves_through_champion_else_latest(registry, caplog):
+    client, name, add = registry
+    for _ in range(3):
+        add()
+    with caplog.at_level(logging.INFO, logger="pipeline.teacher_store"):
+        assert teacher_store.resolve_uri(name, client) == f"models:/{name}/3"
+    assert "no champion alias, so its latest version -> version 3" in caplog.text
+    teacher_store.record_version(name, "2", 70.0, client=client)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.teacher_store"):
+        assert teacher_store.resolve_uri(name, client) == f"models:/{name}/2"
+    assert "its champion -> version 2 (test top-1 70.00%)" in caplog.text
+    # Explicit versions and aliases, bare or as models:/ URIs, pinned to the version they name now.
+    assert teacher_store.resolve_uri(f"{name}/1", client) == f"models:/{name}/1"
+    assert teacher_store.resolve_uri(f"{name}@latest", client) == f"models:/{name}/3"
+    assert teacher_store.resolve_uri(f"models:/{name}@champion", client) == f"models:/{name}/2"
+    assert teacher_store.resolve_uri(f"models:/{name}", client) == f"models:/{name}/2"
+
+
+def test_unknown_aliases_and_names(registry):
+    client, name, add = registry
+    add()
+    with pytest.raises(CheckpointError, match=r"no version under alias 'best' \(its aliases: none"):
+        teacher_store.resolve_uri(f"{name}@best", client)
+    with pytest.raises(CheckpointError, match="no registered model 'no-such-teacher'"):
+        teacher_store.resolve_uri("models:/no-such-teacher@champion", client)
+    # Not registered and no URI: left as it is (it may be a relative checkpoint path).
+    assert teacher_store.resolve_uri("no-such-teacher", client) == "no-such-teacher"
+    assert teacher_store.resolve_uri("runs:/abc/model", client) == "runs:/abc/model"
+
+
+@pytest.mark.slow
+def test_a_registered_teacher_run_records_its_accuracy_and_becomes_champion(teacher_run, mlflow_uri):
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    version = client.get_model_version_by_alias("teacher-test-digits", teacher_store.LATEST)
+    assert float(version.tags[teacher_store.ACCURACY_TAG]) == pytest.approx(teacher_run.selected_top1, abs=1e-4)
+    assert version.run_id == teacher_run.run_id
+    champion = client.get_model_version_by_alias("teacher-test-digits", teacher_store.CHAMPION)
+    assert float(champion.tags[teacher_store.ACCURACY_TAG]) >= teacher_run.selected_top1
