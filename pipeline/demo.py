@@ -82,7 +82,8 @@ def train_all(data: Path, out: Path, workers: int, seed: int, teacher_epochs: in
     print(f"[1/4] teacher {teacher_cfg['model']['student']} (method ce), {teacher_cfg['optim']['epochs']} epochs")
     rows.append(row(f"teacher {teacher_cfg['model']['student']}", run_lib.train(teacher_cfg)))
 
-    student_overrides = overrides + [f"teacher.source={teacher_cfg['mlflow']['register_as']}"]
+    # @latest: the teacher just trained (a bare name means the registry's champion, maybe an earlier one)
+    student_overrides = overrides + [f"teacher.source={teacher_cfg['mlflow']['register_as']}@latest"]
     if student_epochs:
         student_overrides = config_lib.with_epochs(student_overrides, config_lib.load("demo_student", student_overrides),
                                                    student_epochs)

@@ -14,13 +14,11 @@ import argparse
 import hashlib
 import logging
 import pickle
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -142,14 +140,7 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str, 
 
 def register(model: nn.Module, spec: dict[str, Any], image_shape: tuple[int, ...], name: str) -> tuple[str, str]:
     """Log the teacher as `stkd teacher` logs its model (our checkpoint file beside it) and register it."""
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = checkpoint.save({"model": spec, "student": model.state_dict()}, Path(tmp) / "weights")
-        example = np.zeros((2, spec["in_channels"], image_shape[0], image_shape[1]), dtype=np.float32)
-        info = mlflow.pytorch.log_model(model.eval(), name="model", extra_files=[str(weights)],
-                                        pip_requirements=["torch"], input_example=example,
-                                        registered_model_name=name)
+    info = tracking.log_model({"model": spec, "student": model.state_dict()}, image_shape, name)
     return str(info.registered_model_version), info.model_uri
 
 

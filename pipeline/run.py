@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import yaml
 
-import stkd
 from pipeline import checkpoint, config as config_lib, progress, teacher_store, tracking, val_split
 from pipeline.dataset import PreparedDataset
 
@@ -250,17 +248,6 @@ def train(
     return outcome
 
 
-def signature(spec: dict[str, Any], image_shape: list[int]):
-    """The model's input and output, declared rather than inferred from an input example (which MLflow
-    runs through the model and checks by loading the logged model back)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    h, w = image_shape[0], image_shape[1]
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec["in_channels"], h, w))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec["num_classes"]))]))
-
-
 def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, image_shape: list[int]) -> str:
     """The resolved recipe, the learning curve and the final student (an MLflow PyTorch model)."""
     import mlflow
@@ -275,17 +262,9 @@ def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, 
         mlflow.log_artifact(str(curve))
         # The selected epoch's student, not necessarily the last one.
         selected = state["selection"]
-        model = checkpoint.build_model(state["model"])
-        model.load_state_dict(selected["student"])
-        weights = checkpoint.save({"model": state["model"], "student": selected["student"],
+        info = tracking.log_model({"model": state["model"], "student": selected["student"],
                                    "selected_epoch": selected["epoch"], "test_top1": selected["test_top1"]},
-                                  tmp / "weights")
-        # Pickled with the zoo's code alongside (loads without this package installed): torch.export's
-        # format ("pt2", MLflow's default) traces the model, seconds per run where this takes a fraction.
-        info = mlflow.pytorch.log_model(model.eval(), name="model", extra_files=[str(weights)],
-                                        pip_requirements=["torch"], signature=signature(state["model"], image_shape),
-                                        serialization_format="pickle", code_paths=[str(Path(stkd.__file__).parent)],
-                                        registered_model_name=config["mlflow"]["register_as"])
+                                  image_shape, config["mlflow"]["register_as"])
         if info.registered_model_version is not None:  # its accuracy on the version; `champion` if it is the best
             teacher_store.record_version(config["mlflow"]["register_as"], info.registered_model_version,
                                          selected["test_top1"])
