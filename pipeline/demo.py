@@ -87,9 +87,11 @@ def train_all(data: Path, out: Path, workers: int, seed: int, teacher_epochs: in
     if student_epochs:
         student_overrides = config_lib.with_epochs(student_overrides, config_lib.load("demo_student", student_overrides),
                                                    student_epochs)
-    base = config_lib.load("demo_student", student_overrides)
+    base = config_lib.load("demo_student", student_overrides + ["teacher.evaluate=false"])
     info = run_lib.dataset_info(base)
     teacher = run_lib.load_teacher(base, info)  # loaded and put into the object store once, for every student
+    # Not measured again: the teacher run measured these weights (its selected epoch's) on this test split.
+    teacher.accuracy = rows[0].selected_top1
     for i, method in enumerate(("ce", "kd", "stkd"), start=2):
         method_overrides = [f"method.name={method}"] + (["teacher.source=null"] if method == "ce" else [])
         cfg = config_lib.load("demo_student", student_overrides + method_overrides)
