@@ -47,7 +47,7 @@ def uint8_batches(count: int, n: int = 8, size: int = 16, classes: int = 10, see
 
 
 class Run:
-    """What a worker builds before its first epoch: student, stkd method, optimizer, scheduler, step."""
+    """What a worker builds before its first epoch: student, method, optimizer, scheduler, step."""
 
     def __init__(self, device: torch.device, name: str = "stkd", channels_last: bool = False, seed: int = 0,
                  **hparams):
@@ -257,6 +257,7 @@ def test_resume_on_cuda_equals_an_uninterrupted_cuda_run(tmp_path):
     resumed = Run(device)
     restore(str(tmp_path), resumed.student, resumed.optimizer, resumed.scheduler, resumed.generators, rank=0)
     resumed.train(batches[2:])
+    # cuDNN's and index_add's atomics may differ in the last bits; a wrong random stream differs entirely.
     for a, b in zip(whole.student.state_dict().values(), resumed.student.state_dict().values()):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
