@@ -210,15 +210,18 @@ def evaluate(model: torch.nn.Module, feed, step: Step, split: str = "test") -> d
     In fp32 whatever precision training uses, as teachers are (``stkd.training.eval_logits``)."""
     model.eval()
     device = next(model.parameters()).device
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, seen
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # top1, top5
+    seen = 0  # on the host: a tensor made from it per batch would be a host-to-device copy each time
     with torch.inference_mode():
         for images, labels in feed.batches(0):
             logits = eval_logits(model, step.eval_input(images))
             k = min(5, logits.shape[1])
             topk = logits.topk(k, dim=1).indices
             hits = topk == labels[:, None]
-            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
-    top1, top5, seen = all_reduce_sum(counts).tolist()
+            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
+            seen += len(labels)
+    seen_t = torch.tensor([float(seen)], dtype=torch.float64, device=device)
+    top1, top5, seen = all_reduce_sum(torch.cat([counts, seen_t])).tolist()
     return {f"{split}/top1": 100 * top1 / seen, f"{split}/top5": 100 * top5 / seen, f"{split}/seen": seen}
 
 
