@@ -46,7 +46,7 @@ def build(variant: str, teacher: torch.nn.Module, device: torch.device, channels
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
     method = methods.create(name, student, None if name == "ce" else teacher,
-                            generator=torch.Generator().manual_seed(seed), **hparams)
+                            generator=torch.Generator(device=device).manual_seed(seed), **hparams)
     method.train()
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     return method, optimizer

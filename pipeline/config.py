@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
         "bf16": "auto",
         "channels_last": "auto",
         "compile": False,
+        "sync_bn": "auto",
         "seed": 0,
         "checkpoint_every": 10,
         "max_failures": 0,
@@ -75,6 +76,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "teacher.source": (str, type(None)),
     "train.bf16": (bool, str),
     "train.channels_last": (bool, str),
+    "train.sync_bn": (bool, str),
     "train.run_name": (str, type(None)),
     "mlflow.tracking_uri": (str, type(None)),
     "mlflow.register_as": (str, type(None)),
@@ -311,9 +313,12 @@ def check_values(config: dict[str, Any], problems: list[str]) -> None:
                         f"({train['workers']})")
     if not isinstance(optim["milestones"], list) or not all(isinstance(m, int) for m in optim["milestones"]):
         problems.append(f"optim.milestones: expected a list of epochs (integers), got {optim['milestones']!r}")
-    for key in ("bf16", "channels_last"):
+    for key in ("bf16", "channels_last", "sync_bn"):
         if isinstance(train[key], str) and train[key] != "auto":
             problems.append(f"train.{key}: expected true, false or 'auto', got {train[key]!r}")
+    if train["sync_bn"] is True and not train["use_gpu"]:
+        problems.append("train.sync_bn: PyTorch's SyncBatchNorm runs on GPUs only; set train.use_gpu=true, or leave "
+                        "train.sync_bn at 'auto' (on the CPU each worker's BatchNorm keeps its own statistics)")
     check_schedule(optim, problems)
     fraction = config["data"]["val_fraction"]
     if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and not 0 <= fraction < 1:

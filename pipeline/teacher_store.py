@@ -159,14 +159,16 @@ def put(state: dict[str, Any]):
 
 
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean, std, batch_size: int = 512) -> float:
-    """Top-1 test accuracy (%) of ``model`` on uint8 NHWC ``images``, on the CPU."""
+    """Top-1 test accuracy (%) of ``model`` on uint8 NHWC ``images``, on the CPU, in fp32: the same
+    precision policy as the students' evaluation (``stkd.training.eval_logits``)."""
     from stkd.augment import nhwc_to_nchw, normalize
+    from stkd.training import eval_logits
 
     model.eval()
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = normalize(nhwc_to_nchw(torch.from_numpy(images[start:start + batch_size])), mean, std)
-            pred = model(x).argmax(1)
+            pred = eval_logits(model, x).argmax(1)
             correct += int((pred == torch.from_numpy(labels[start:start + batch_size])).sum())
     return 100.0 * correct / max(len(images), 1)

@@ -23,8 +23,8 @@ from pipeline import checkpoint, teacher_store
 from pipeline.data_feed import InMemoryFeed, RayDataFeed
 from pipeline.dataset import PreparedDataset
 from stkd import methods, models
-from stkd.augment import nhwc_to_nchw, normalize, random_crop_flip
-from stkd.training import train_step
+from stkd.augment import channel_stats, nhwc_to_nchw, normalize, random_crop_flip
+from stkd.training import eval_logits, train_step
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,55 @@ def resolve_auto(value: bool | str, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else bool(value)
 
 
+def resolve_sync_bn(value: bool | str, device: torch.device, world: int) -> bool:
+    """``train.sync_bn``: ``auto`` is on with CUDA and more than one worker. PyTorch's SyncBatchNorm
+    runs on GPUs only, so on the CPU each worker's BatchNorm keeps its own statistics (the config check
+    refuses ``true`` without ``train.use_gpu``)."""
+    return device.type == "cuda" and world > 1 if value == "auto" else bool(value)
+
+
+def build_student(spec: dict[str, Any], device: torch.device, channels_last: bool, sync_bn: bool) -> torch.nn.Module:
+    """The student on ``device``; with ``sync_bn`` its BatchNorm layers become SyncBatchNorm (before DDP
+    wraps it), so a data-parallel run normalizes with the global batch's statistics, as one GPU would.
+    SyncBatchNorm keeps BatchNorm's parameter and buffer names: checkpoints load either way."""
+    student = models.create(spec["name"], spec["num_classes"], in_channels=spec["in_channels"]).to(device)
+    if sync_bn:
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    return student
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
     return values
 
 
-class Step:
-    """Turns a uint8 NHWC batch into a normalized, augmented float batch on the device."""
+def make_generators(device: torch.device, seed: int, rank: int) -> dict[str, torch.Generator]:
+    """This rank's generators on the training device: ``augment`` (crop offsets, flips) and ``method``
+    (mixup). Drawing on the device keeps host copies out of the step; their states go in checkpoints."""
+    return {"augment": torch.Generator(device=device).manual_seed(seed * 104_729 + rank),
+            "method": torch.Generator(device=device).manual_seed(seed * 7919 + rank)}
 
-    def __init__(self, config: dict[str, Any], info: dict[str, Any], device: torch.device, seed: int) -> None:
-        self.mean, self.std = info["mean"], info["std"]
-        self.padding = config["data"]["crop_padding"]
-        self.flip = config["data"]["flip"]
-        self.channels_last = resolve_auto(config["train"]["channels_last"], device)
-        self.generator = torch.Generator().manual_seed(seed)
+
+class Step:
+    """Turns a uint8 NHWC batch into a normalized, augmented float batch on the device.
+
+    What it needs per batch already lives there: the normalization constants, made once, and the
+    generator the crop offsets and flips are drawn from.
+    """
+
+    def __init__(self, mean, std, padding: int, flip: bool, channels_last: bool, generator: torch.Generator) -> None:
+        self.mean, self.std = channel_stats(mean, std, generator.device)
+        self.padding, self.flip, self.channels_last = padding, flip, channels_last
+        self.generator = generator
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], info: dict[str, Any], generator: torch.Generator) -> "Step":
+        channels_last = resolve_auto(config["train"]["channels_last"], generator.device)
+        return cls(info["mean"], info["std"], config["data"]["crop_padding"], config["data"]["flip"], channels_last,
+                   generator)
 
     def train_input(self, images: torch.Tensor) -> torch.Tensor:
         x = random_crop_flip(nhwc_to_nchw(images), self.padding, self.flip, self.generator)
@@ -55,6 +89,62 @@ class Step:
 
     def eval_input(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(nhwc_to_nchw(images), self.mean, self.std, channels_last=self.channels_last)
+
+
+class EpochSums:
+    """An epoch's loss-term sums (each weighted by its batch size) and correct predictions, kept on the
+    device and read once, at the end of the epoch: a read per step would make the CPU wait for the GPU."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device) -> None:
+        self.names = names
+        self.values = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # terms..., correct
+        self.seen = 0
+
+    def add(self, terms: dict[str, torch.Tensor], correct: torch.Tensor, n: int) -> None:
+        self.values += torch.stack([terms[k].detach().float() * n for k in self.names] + [correct.float()])
+        self.seen += n
+
+    def totals(self) -> list[float]:
+        """``[term sums..., correct, seen]`` summed over workers: the epoch's one read from the device."""
+        seen = torch.tensor([float(self.seen)], dtype=torch.float64, device=self.values.device)
+        return all_reduce_sum(torch.cat([self.values, seen])).tolist()
+
+
+def train_batch(method: methods.Method, optimizer: torch.optim.Optimizer, step: Step, images: torch.Tensor,
+                labels: torch.Tensor, autocast, sums: EpochSums) -> None:
+    """One training step on a uint8 batch already on the device, counted into ``sums``; nothing in it
+    waits for the device (``tests/test_gpu_ready.py`` checks this on CUDA)."""
+    logits, terms = train_step(method, optimizer, step.train_input(images), labels, autocast)
+    sums.add(terms, method.train_correct(logits.detach(), labels), len(labels))
+
+
+def restore(directory: str, student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+            generators: dict[str, torch.Generator], rank: int) -> dict[str, Any]:
+    """Load a training checkpoint into a student, optimizer and generators already on the device.
+
+    The file is read on the CPU and ``load_state_dict`` copies weights and optimizer state to where the
+    parameters live. Generator states must stay CPU ByteTensors, which ``Generator.set_state`` insists
+    on: loading with ``map_location=<GPU>`` made every resume on CUDA fail.
+    """
+    state = checkpoint.load(directory, map_location="cpu")
+    student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(generators, state["rng"], rank)
+    return state
+
+
+def restore_rng(generators: dict[str, torch.Generator], rng: dict[str, Any], rank: int) -> None:
+    """This rank's saved generator states. States saved on another device type (a CPU run resumed on a
+    GPU) do not fit; those generators keep their seeds, with a warning."""
+    saved_on = rng.get("device", "cpu")  # checkpoints from before device generators held CPU states
+    for key, generator in generators.items():
+        if generator.device.type != saved_on:
+            log.warning("checkpoint holds %s random states and this worker draws on %s: %s draws restart from "
+                        "the seed", saved_on, generator.device.type, key)
+            continue
+        states = rng[key]
+        generator.set_state(states[rank % len(states)])
 
 
 def make_feeds(config, info, rank, world, device):
@@ -114,20 +204,24 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
             dist.broadcast(buffer.data, src=0)
 
 
-def evaluate(model: torch.nn.Module, feed, step: Step, autocast, split: str = "test") -> dict[str, float]:
+def evaluate(model: torch.nn.Module, feed, step: Step, split: str = "test") -> dict[str, float]:
     """Top-1/top-5 over a whole split: per-worker counts summed across workers, so the result
-    equals a single-process evaluation of rank 0's model. Call ``broadcast_buffers`` first."""
+    equals a single-process evaluation of rank 0's model. Call ``broadcast_buffers`` first.
+    In fp32 whatever precision training uses, as teachers are (``stkd.training.eval_logits``)."""
     model.eval()
     device = next(model.parameters()).device
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, seen
-    with torch.inference_mode(), autocast():
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # top1, top5
+    seen = 0  # on the host: a tensor made from it per batch would be a host-to-device copy each time
+    with torch.inference_mode():
         for images, labels in feed.batches(0):
-            logits = model(step.eval_input(images)).float()
+            logits = eval_logits(model, step.eval_input(images))
             k = min(5, logits.shape[1])
             topk = logits.topk(k, dim=1).indices
             hits = topk == labels[:, None]
-            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
-    top1, top5, seen = all_reduce_sum(counts).tolist()
+            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
+            seen += len(labels)
+    seen_t = torch.tensor([float(seen)], dtype=torch.float64, device=device)
+    top1, top5, seen = all_reduce_sum(torch.cat([counts, seen_t])).tolist()
     return {f"{split}/top1": 100 * top1 / seen, f"{split}/top5": 100 * top5 / seen, f"{split}/seen": seen}
 
 
@@ -180,10 +274,8 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
 
     torch.manual_seed(seed)  # the same initial student on every worker and every run with this seed
     spec = checkpoint.model_spec(config["model"]["student"], info["num_classes"], info["image_shape"][2])
-    student = models.create(spec["name"], spec["num_classes"], in_channels=spec["in_channels"]).to(device)
     channels_last = resolve_auto(train_cfg["channels_last"], device)
-    if channels_last:
-        student = student.to(memory_format=torch.channels_last)
+    student = build_student(spec, device, channels_last, resolve_sync_bn(train_cfg["sync_bn"], device, world))
     raw_student = student
     student = ray.train.torch.prepare_model(student, move_to_device=False)
     if train_cfg["compile"]:
@@ -197,12 +289,12 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
             teacher = teacher.to(memory_format=torch.channels_last)
 
     hparams = {k: v for k, v in config["method"].items() if k != "name"}
-    method_rng = torch.Generator().manual_seed(seed * 7919 + rank)
-    method = methods.create(config["method"]["name"], student, teacher, generator=method_rng, **hparams)
+    generators = make_generators(device, seed, rank)
+    method = methods.create(config["method"]["name"], student, teacher, generator=generators["method"], **hparams)
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
                                 weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"])
     scheduler = make_scheduler(optimizer, optim_cfg)
-    step = Step(config, info, device, seed * 104_729 + rank)
+    step = Step.from_config(config, info, generators["augment"])
 
     bf16 = resolve_auto(train_cfg["bf16"], device)
 
@@ -213,12 +305,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            state = checkpoint.load(directory, map_location=device)
-        raw_student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step.generator.set_state(state["rng"]["augment"][rank % len(state["rng"]["augment"])])
-        method_rng.set_state(state["rng"]["method"][rank % len(state["rng"]["method"])])
+            state = restore(directory, raw_student, optimizer, scheduler, generators, rank)
         start_epoch, history, selection_state = state["epoch"] + 1, state["history"], state["selection"]
         log.info("rank %d resumed from epoch %d", rank, state["epoch"])
 
@@ -232,28 +319,19 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         method.set_epoch(epoch)
         method.train()
         lr = optimizer.param_groups[0]["lr"]
-        term_sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=device)
-        seen = 0
+        sums = EpochSums(method.term_names(), device)
         start = time.perf_counter()
         join = student.join() if uneven and hasattr(student, "join") else contextlib.nullcontext()
         with join:
             for images, labels in train_feed.batches(epoch):
-                logits, terms = train_step(method, optimizer, step.train_input(images), labels, autocast)
-                n = len(labels)
-                for name, value in terms.items():
-                    term_sums[name] = term_sums.get(name, 0) + value.detach() * n
-                correct += method.train_correct(logits.detach(), labels)
-                seen += n
+                train_batch(method, optimizer, step, images, labels, autocast, sums)
         scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - start
 
-        names = method.term_names()
-        local = torch.stack([term_sums.get(k, torch.zeros((), device=device)).float() for k in names]
-                            + [correct.float(), torch.tensor(float(seen), device=device)]).double()
-        totals = all_reduce_sum(local).tolist()
+        names = sums.names
+        totals = sums.totals()
         total_seen = totals[-1]
         metrics = {f"loss/{k}": totals[i] / total_seen for i, k in enumerate(names)}
         metrics["loss/total"] = sum(metrics.values())
@@ -264,8 +342,8 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
             eval_start = time.perf_counter()
             broadcast_buffers(raw_student)
             if val_feed is not None:
-                metrics.update(evaluate(raw_student, val_feed, step, autocast, "val"))
-            metrics.update(evaluate(raw_student, test_feed, step, autocast, "test"))
+                metrics.update(evaluate(raw_student, val_feed, step, "val"))
+            metrics.update(evaluate(raw_student, test_feed, step, "test"))
             selection.update(epoch, metrics, raw_student, rank)
             metrics["eval_time_s"] = time.perf_counter() - eval_start
         metrics.update(selection.metrics())
@@ -278,7 +356,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
                 "model": spec, "student": raw_student.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                 "selection": selection.state(raw_student),
-                "rng": gather_rng_states(step.generator, method_rng, world, device), "config_name": config["name"],
+                "rng": gather_rng_states(generators, world, device), "config_name": config["name"],
             }, rank)
         else:
             ray.train.report(metrics)
@@ -287,12 +365,13 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
 
 
-def gather_rng_states(augment: torch.Generator, method_rng: torch.Generator, world: int, device) -> dict:
-    """Every worker's generator states, so a resumed run draws what an uninterrupted one would."""
-    states = {"augment": augment.get_state(), "method": method_rng.get_state()}
+def gather_rng_states(generators: dict[str, torch.Generator], world: int, device: torch.device) -> dict:
+    """Every worker's generator states (CPU ByteTensors, per key a list by rank) and the device type
+    they draw on, so a resumed run draws what an uninterrupted one would."""
+    states = {key: generator.get_state() for key, generator in generators.items()}
     if not (dist.is_available() and dist.is_initialized()) or world == 1:
-        return {k: [v] for k, v in states.items()}
-    out = {}
+        return {"device": device.type, **{k: [v] for k, v in states.items()}}
+    out: dict[str, Any] = {"device": device.type}
     for key, state in states.items():
         gathered = [torch.empty_like(state) for _ in range(world)]
         if device.type == "cuda":

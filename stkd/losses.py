@@ -33,11 +33,15 @@ def soft_target_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, t
     return kl * temperature**2
 
 
-def mixed_cross_entropy(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float) -> torch.Tensor:
-    """Cross-entropy against the mixup label ``lam * y_a + (1 - lam) * y_b``."""
+def mixed_cross_entropy(
+    logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float | torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy against the mixup label ``lam * y_a + (1 - lam) * y_b``.
+
+    ``lam`` may be a tensor on the logits' device; it is never compared on the host (that would
+    wait for the GPU). ``lam = 1`` gives exactly ``CE(logits, y_a)``.
+    """
     logits = logits.float()
-    if lam == 1.0:
-        return F.cross_entropy(logits, y_a)
     return lam * F.cross_entropy(logits, y_a) + (1.0 - lam) * F.cross_entropy(logits, y_b)
 
 

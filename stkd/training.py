@@ -1,4 +1,5 @@
-"""One optimisation step of a method: the piece every training loop (and benchmark) shares."""
+"""One optimisation step of a method, and evaluation logits: the pieces every training loop (and
+benchmark) shares."""
 
 from __future__ import annotations
 
@@ -26,3 +27,14 @@ def train_step(
     loss.backward()
     optimizer.step()
     return logits, terms
+
+
+def eval_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's float32 logits with autocast switched off.
+
+    The project's one precision policy for accuracy: teachers and students are evaluated in fp32,
+    whatever precision trained them (bf16 autocast is a training-speed setting only), so a student's
+    accuracy and its teacher's are measured the same way and match fp32 published numbers.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return model(x).float()

@@ -380,7 +380,7 @@ def test_stkd_train_correct_without_mixing_is_the_plain_count(batch):
 @pytest.mark.parametrize("name", ["kd", "stkd"])
 def test_train_correct_stays_on_the_gpu_without_a_sync(name, batch):
     x, y = (t.cuda() for t in batch)
-    m = methods.create(name, tiny_net(0).cuda(), tiny_net(1).cuda(), generator=torch.Generator().manual_seed(4))
+    m = methods.create(name, tiny_net(0).cuda(), tiny_net(1).cuda(), generator=torch.Generator("cuda").manual_seed(4))
     logits, _ = m.forward_train(x, y)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
