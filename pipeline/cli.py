@@ -72,13 +72,14 @@ def cmd_verify_data(args: argparse.Namespace) -> int:
     import time
 
     from pipeline.dataset import PreparedDataset
+    from pipeline.prepare import _human
 
     start = time.perf_counter()
     dataset = PreparedDataset.open(args.path, verify=True)
     shards = [s for info in dataset.splits.values() for s in info["shards"]]
     size = sum((dataset.root / s["file"]).stat().st_size for s in shards)
     counts = ", ".join(f"{split} {info['rows']}" for split, info in dataset.splits.items())
-    print(f"{dataset.root}: {dataset.name}, {counts} rows; {len(shards)} shards ({size / 1e6:.1f} MB) match their "
+    print(f"{dataset.root}: {dataset.name}, {counts} rows; {len(shards)} shards ({_human(size)}) match their "
           f"sha256 in the manifest ({time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -234,7 +234,8 @@ def finish_logging(record: dict[str, Any], state: dict[str, Any], wait_s: float,
             missing = "; ".join(describe_step(s, record) for s in record["pending"])
             raise tracking.TrackingIncomplete(
                 f"the model is trained, but MLflow at {uri} did not answer for {wait_s:.0f} s "
-                f"(mlflow.outage_wait_s; {e}). Not logged to run {run_id} ({record['run_name']}): {missing}.\n"
+                f"(mlflow.outage_wait_s). Not logged to run {run_id} ({record['run_name']}): {missing}.\n"
+                f"  last error: {tracking.first_line(e.__cause__ or e)}\n"
                 f"  checkpoint: {path}\n"
                 f"  log it once the server answers: stkd log-run {path}") from None
         record["pending"].remove(step)
