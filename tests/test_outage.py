@@ -80,7 +80,7 @@ def wait_for_epoch(job: subprocess.Popen, log: Path, epoch: int, epochs: int) ->
 
 
 def run_of(uri: str, experiment: str):
-    c = mlflow.MlflowClient(tracking_uri=uri)
+    c = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the registry another test made global
     exp = c.get_experiment_by_name(experiment)
     (run,) = c.search_runs([exp.experiment_id])
     return c, run
