@@ -4,8 +4,8 @@ Runs ``pipeline.demo.run_demo`` once, in this process, into a fresh folder and M
 splits its wall time into phases, summed over its four runs:
 
 - driver phases timed by ``pipeline.run.train`` (``Outcome.phases``): Ray start, dataset open and
-  validation split, the teacher's load and evaluation, MLflow run start, ``TorchTrainer.fit``,
-  model export, and what is left of the run (results, tags, run end);
+  validation split, the teacher's load and evaluation, MLflow run start, ``TorchTrainer.fit``, the
+  final metrics, artifacts and model, and what is left of the run (reading the checkpoint, run end);
 - inside ``fit``, from the rank-0 worker's per-epoch metrics in MLflow: worker setup (model, teacher,
   data), training (``epoch_time_s``), evaluation (``eval_time_s``) and checkpoint writing
   (``checkpoint_time_s``); the rest of ``fit`` is Ray Train's start-up, reporting and teardown;
@@ -33,7 +33,7 @@ WORKER_METRICS = {"setup_time_s": "worker setup (model, teacher, data)", "epoch_
                   "eval_time_s": "evaluation (val + test)", "checkpoint_time_s": "checkpoint writing"}
 DRIVER_PHASES = {"ray_start": "Ray start", "dataset": "dataset open + validation split",
                  "teacher": "teacher load + evaluation (driver)", "mlflow_start": "MLflow run start",
-                 "model_export": "model export (MLflow)"}
+                 "finish": "final metrics, artifacts, model (MLflow)"}
 
 
 def metric_sum(client, run_id: str, key: str) -> float:
@@ -48,7 +48,7 @@ def breakdown(rows, client, demo_wall: float) -> dict[str, float]:
     out.update(inside)
     out["Ray Train start-up, reports, teardown"] = fit - sum(inside.values())
     known = sum(r.phases.get(k, 0.0) for r in rows for k in (*DRIVER_PHASES, "fit"))
-    out["results, tags, run end"] = sum(r.phases.get("total", 0.0) for r in rows) - known
+    out["checkpoint read, run end"] = sum(r.phases.get("total", 0.0) for r in rows) - known
     out["outside the runs (prepare, demo)"] = demo_wall - sum(r.phases.get("total", 0.0) for r in rows)
     return out
 

@@ -1,4 +1,5 @@
-"""The ``stkd`` command line: prepare, teacher, import-teacher, distill, tune, study, demo."""
+"""The ``stkd`` command line: prepare, verify-data, teacher, import-teacher, distill, log-run, tune, study,
+demo."""
 
 from __future__ import annotations
 
@@ -87,6 +88,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify_data(args: argparse.Namespace) -> int:
+    import time
+
+    from pipeline.dataset import PreparedDataset
+    from pipeline.prepare import _human
+
+    start = time.perf_counter()
+    dataset = PreparedDataset.open(args.path, verify=True)
+    shards = [s for info in dataset.splits.values() for s in info["shards"]]
+    size = sum((dataset.root / s["file"]).stat().st_size for s in shards)
+    counts = ", ".join(f"{split} {info['rows']}" for split, info in dataset.splits.items())
+    print(f"{dataset.root}: {dataset.name}, {counts} rows; {len(shards)} shards ({_human(size)}) match their "
+          f"sha256 in the manifest ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_log_run(args: argparse.Namespace) -> int:
+    from pipeline import run
+
+    record, logged, model_uri = run.log_later(args.checkpoint, args.wait)
+    where = f"run {record['run_name']} ({record['run_id']}) at {record['tracking_uri']}"
+    if not logged:
+        print(f"{where}: nothing left to log")
+        return 0
+    print(f"{where}: logged " + "; ".join(logged))
+    if model_uri:
+        print(f"model: {model_uri}")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline import tune
 
@@ -122,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_arguments(p)
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("verify-data", help="check every shard of a prepared dataset against its sha256")
+    p.add_argument("path", help="the folder `stkd prepare` wrote")
+    p.set_defaults(func=cmd_verify_data)
+
     p = sub.add_parser("teacher", help="train a teacher (method ce) and register it in MLflow", epilog=EPILOG)
     add_recipe_arguments(p)
     p.set_defaults(func=cmd_train)
@@ -139,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="registered model name (its champion, else latest), name/version, "
                                      "name@alias, models:/ URI, or checkpoint path (overrides teacher.source)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("log-run", help="log what a run could not log while MLflow was away, from its checkpoint")
+    p.add_argument("checkpoint", help="the run's final checkpoint (the path its message printed)")
+    p.add_argument("--wait", type=float, default=60.0,
+                   help="seconds to wait for the tracking server if it is still away (default 60)")
+    p.set_defaults(func=cmd_log_run)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over a search space", epilog=EPILOG)
     add_recipe_arguments(p)
@@ -175,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupt_on_sigterm()
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
+    from pipeline.tracking import TrackingIncomplete
 
     user_errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError)
     try:
@@ -189,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors as e:
         print(f"stkd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrackingIncomplete as e:  # trained and checkpointed; the tracking server was away
+        print(f"stkd {args.command}: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"stkd {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -67,7 +67,8 @@ DEFAULTS: dict[str, Any] = {
         "storage_path": "runs",
         "run_name": None,
     },
-    "mlflow": {"tracking_uri": None, "experiment": "stkd", "register_as": None},
+    # outage_wait_s: how long the end of a run waits for a tracking server that is away (see README).
+    "mlflow": {"tracking_uri": None, "experiment": "stkd", "register_as": None, "outage_wait_s": 1800},
 }
 
 TYPES: dict[str, tuple[type, ...]] = {
@@ -87,6 +88,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "data.val_fraction": (int, float),
     "train.cpus_per_worker": (int, float),
     "train.gpus_per_worker": (int, float),
+    "mlflow.outage_wait_s": (int, float),
 }
 
 
@@ -305,6 +307,9 @@ def check_values(config: dict[str, Any], problems: list[str]) -> None:
     positive = {"optim.lr": optim["lr"], "optim.batch_size": optim["batch_size"], "optim.epochs": optim["epochs"],
                 "train.workers": train["workers"], "train.checkpoint_every": train["checkpoint_every"],
                 "data.eval_batch_size": config["data"]["eval_batch_size"], "data.eval_every": config["data"]["eval_every"]}
+    wait = config["mlflow"]["outage_wait_s"]
+    if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait < 0:
+        problems.append(f"mlflow.outage_wait_s: must be >= 0 (seconds), got {wait}")
     for key, value in positive.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
             problems.append(f"{key}: must be > 0, got {value}")

@@ -1,6 +1,6 @@
 """Reading a dataset written by `stkd prepare` (see :mod:`pipeline.prepare` for the format).
 
->>> ds = PreparedDataset.open("data/cifar10")          # checks every shard's sha256
+>>> ds = PreparedDataset.open("data/cifar10")          # checks every shard's sha256 (verify=False: sizes only)
 >>> x, y = ds.load_numpy("train")                      # uint8 (N, H, W, C), int64 (N,)
 >>> rd = ds.to_ray_dataset("train")                    # ray.data.read_parquet over the shards
 >>> images, labels = ds.decode_batch(batch)            # a Ray Data numpy batch -> arrays
@@ -150,7 +150,8 @@ class PreparedDataset:
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = True) -> "PreparedDataset":
-        """Open a prepared dataset; with ``verify``, check every shard exists and matches its sha256."""
+        """Open a prepared dataset, checking every shard exists with the size the manifest records (a
+        ``stat`` per shard); with ``verify``, also its sha256 (reads every byte: once per job or sweep)."""
         root = Path(path).expanduser().absolute()
         mpath = root / MANIFEST
         if not mpath.is_file():
@@ -165,17 +166,30 @@ class PreparedDataset:
         if not isinstance(manifest, dict):
             raise DatasetError(f"{mpath}: unreadable manifest (not a JSON object); re-run `stkd prepare`")
         ds = cls(root, manifest)
-        if verify:
-            ds.verify()
+        ds.verify() if verify else ds.check_sizes()
         return ds
 
-    def verify(self) -> None:
-        """Check each shard exists and its sha256 matches the manifest; raises :class:`DatasetError`."""
+    def check_sizes(self) -> None:
+        """Each shard exists and has the size in the manifest (manifests written before sizes were
+        recorded: exists); raises :class:`DatasetError`. Catches a truncated or missing shard, not a
+        changed byte: :meth:`verify` does."""
         for split, info in self.splits.items():
             for shard in info["shards"]:
                 p = self.root / shard["file"]
-                if not p.is_file():
-                    raise DatasetError(f"{p}: shard of split {split!r} is missing; re-run `stkd prepare`")
+                try:
+                    size = p.stat().st_size
+                except FileNotFoundError:
+                    raise DatasetError(f"{p}: shard of split {split!r} is missing; re-run `stkd prepare`") from None
+                if "bytes" in shard and size != shard["bytes"]:
+                    raise DatasetError(f"{p}: {size} bytes, the manifest says {shard['bytes']}: the shard is "
+                                       "truncated or was changed; re-run `stkd prepare --overwrite`")
+
+    def verify(self) -> None:
+        """Check each shard's sha256 against the manifest; raises :class:`DatasetError`."""
+        self.check_sizes()
+        for split, info in self.splits.items():
+            for shard in info["shards"]:
+                p = self.root / shard["file"]
                 got = _sha256(p)
                 if got != shard["sha256"]:
                     raise DatasetError(

@@ -4,7 +4,7 @@ A prepared dataset is a directory::
 
     manifest.json          {"name", "source", "format_version": 1, "num_classes", "classes",
                             "image_shape": [H, W, C], "mean": [...], "std": [...],   # train pixels / 255
-                            "splits": {"train": {"rows", "shards": [{"file", "rows", "sha256"}]}, ...}}
+                            "splits": {"train": {"rows", "shards": [{"file", "rows", "sha256", "bytes"}]}, ...}}
     train-00000.parquet    columns image (binary: raw uint8 HWC bytes, C-order) and label (int64)
     ...
 
@@ -198,7 +198,7 @@ def _write_split(split, name: str, tmp: Path, check: _Checker, shard_rows: int, 
     def flush(images: np.ndarray, labels: np.ndarray) -> None:
         file = f"{name}-{len(shards):05d}.parquet"
         sha = _write_shard(tmp / file, images, labels)
-        shards.append({"file": file, "rows": int(len(labels)), "sha256": sha})
+        shards.append({"file": file, "rows": int(len(labels)), "sha256": sha, "bytes": (tmp / file).stat().st_size})
 
     if len(split) == 0:
         raise PrepareError(f"split {name!r} of the source is empty")

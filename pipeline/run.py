@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -86,10 +87,11 @@ class Outcome:
         return out
 
 
-def dataset_info(config: dict[str, Any]) -> dict[str, Any]:
-    """Open (and checksum) the prepared dataset once on the driver and carve the validation split;
-    workers get only this summary (with the validation rows' keys)."""
-    dataset = PreparedDataset.open(config["data"]["path"], verify=True)
+def dataset_info(config: dict[str, Any], verify: bool = True) -> dict[str, Any]:
+    """Open the prepared dataset once on the driver and carve the validation split; workers get only
+    this summary (with the validation rows' keys). ``verify``: checksum every shard (sha256, reads the
+    whole dataset); a sweep's driver verifies once and its trials pass ``False`` (shard sizes only)."""
+    dataset = PreparedDataset.open(config["data"]["path"], verify=verify)
     info = {"num_classes": dataset.num_classes, "image_shape": list(dataset.image_shape), "mean": list(dataset.mean),
             "std": list(dataset.std), "train_rows": dataset.rows("train"), "test_rows": dataset.rows("test"),
             "val_rows": 0, "path": str(Path(config["data"]["path"]).resolve()), "val_keys": None,
@@ -183,18 +185,20 @@ def train(
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
     callbacks: list | None = None,
+    verify_data: bool = True,
 ) -> Outcome:
     """Run one training job end to end and log it as one MLflow run.
 
     ``teacher``: an already shared teacher (a sweep shares one across trials); otherwise the
     config's ``teacher.source`` is loaded here. ``callbacks``: Ray Train callbacks (a Tune trial
-    passes the one that forwards each epoch's report to Tune).
+    passes the one that forwards each epoch's report to Tune). ``verify_data``: checksum the dataset
+    (a trial passes ``False``: its sweep's driver has verified it).
     """
     config = config_lib.validate(config)
     phases = Phases()
     called = time.perf_counter()
     with phases.time("dataset"):
-        info = dataset_info(config)
+        info = dataset_info(config, verify=verify_data)
     with phases.time("ray_start"):
         ensure_ray()
     if teacher is None and config["teacher"]["source"]:
@@ -222,7 +226,7 @@ def train(
         loop_context = {"config": config, "dataset_info": info, "teacher_ref": teacher.ref if teacher else None}
         log.info("run %s: %s %s on %s with %d worker(s)", run_name, config["method"]["name"],
                  config["model"]["student"], info["path"], config["train"]["workers"])
-        from pipeline.epoch_logger import EpochLogger
+        from pipeline.epoch_logger import UNLOGGED_FILE, EpochLogger
 
         phases.add("mlflow_start", time.perf_counter() - start)
         with phases.time("fit"), progress.epoch_lines(run_name, config["optim"]["epochs"]) as shown:
@@ -231,21 +235,151 @@ def train(
         wall = time.perf_counter() - start
         with result.checkpoint.as_directory() as directory:
             state = checkpoint.load(directory)
+            unlogged = read_json(Path(directory) / UNLOGGED_FILE) or {"epochs": []}
         selection = state["selection"]
         outcome = Outcome(run_id=run_id, run_name=run_name, selected_epoch=selection["epoch"],
                           selected_top1=selection["test_top1"], last_top1=state["history"][-1]["test/top1"],
                           val_top1=selection["val_top1"] if info["val_keys"] is not None else None,
                           wall_time_s=wall, checkpoint_path=result.checkpoint.path, history=state["history"])
-        tracking.log_metrics(uri, run_id, outcome.final_metrics(), step=len(state["history"]))
-        tracking.set_tags(uri, run_id, {"selected_epoch": selection["epoch"],
-                                        "selected_by": "val/top1" if outcome.val_top1 is not None else "last epoch"})
-        with phases.time("model_export"):
-            outcome.model_uri = log_artifacts(config, state, run_name, info["image_shape"])
+        log.info("run %s trained: checkpoint %s", run_name, outcome.checkpoint_path)
+        record = {"tracking_uri": uri, "run_id": run_id, "run_name": run_name, "config": config,
+                  "image_shape": info["image_shape"], "final_metrics": outcome.final_metrics(),
+                  "final_step": len(state["history"]), "final_timestamp_ms": int(time.time() * 1000),
+                  "tags": {"selected_epoch": selection["epoch"],
+                           "selected_by": "val/top1" if outcome.val_top1 is not None else "last epoch"},
+                  "unlogged_epochs": unlogged["epochs"],
+                  "pending": [s for s in LOG_STEPS if s != "epochs" or unlogged["epochs"]]}
+        with phases.time("finish"):
+            outcome.model_uri = finish_logging(record, state, config["mlflow"]["outage_wait_s"],
+                                               result.checkpoint.filesystem, result.checkpoint.path)
         ending = time.perf_counter()
     phases.add("mlflow_end", time.perf_counter() - ending)
     phases.add("total", time.perf_counter() - called)
     outcome.phases = phases
     return outcome
+
+
+# What the end of a run logs, in this order; a step done is not done again (``stkd log-run``).
+LOG_STEPS = ("epochs", "final", "artifacts", "status")
+RUN_FILE = "mlflow_run.json"  # beside the final checkpoint: what ``stkd log-run`` needs, and what is still pending
+
+
+def finish_logging(record: dict[str, Any], state: dict[str, Any], wait_s: float, filesystem, path: str) -> str | None:
+    """Log the end of a run (the epochs the controller could not log, final metrics and tags, artifacts
+    and model, status FINISHED), waiting up to ``wait_s`` for a tracking server that is away.
+
+    ``record`` (written beside the checkpoint at ``path`` before the first step and after the last)
+    says which steps are pending. Returns the model URI when this call logged the model. Raises
+    :class:`tracking.TrackingIncomplete` saying what was not logged and how to log it later.
+    """
+    uri, run_id = record["tracking_uri"], record["run_id"]
+    deadline = time.monotonic() + wait_s
+    write_json(filesystem, f"{path}/{RUN_FILE}", record)
+    model_uri = None
+    for step in list(record["pending"]):
+        try:
+            done = tracking.when_reachable(uri, describe_step(step, record), lambda: log_step(step, record, state),
+                                           deadline)
+        except tracking.TrackingUnavailable as e:
+            write_json(filesystem, f"{path}/{RUN_FILE}", record)
+            missing = "; ".join(describe_step(s, record) for s in record["pending"])
+            raise tracking.TrackingIncomplete(
+                f"the model is trained, but MLflow at {uri} did not answer for {wait_s:.0f} s "
+                f"(mlflow.outage_wait_s). Not logged to run {run_id} ({record['run_name']}): {missing}.\n"
+                f"  last error: {tracking.first_line(e.__cause__ or e)}\n"
+                f"  checkpoint: {path}\n"
+                f"  log it once the server answers: stkd log-run {path}") from None
+        record["pending"].remove(step)
+        if step == "artifacts":
+            model_uri = done
+    write_json(filesystem, f"{path}/{RUN_FILE}", record)
+    return model_uri
+
+
+def log_step(step: str, record: dict[str, Any], state: dict[str, Any]) -> str | None:
+    import mlflow
+
+    uri, run_id = record["tracking_uri"], record["run_id"]
+    c = tracking.client(uri)
+    if step == "epochs":
+        have = {m.step for m in c.get_metric_history(run_id, "loss/total")}
+        by_epoch = {int(h["epoch"]): h for h in state["history"]}
+        for epoch in record["unlogged_epochs"]:
+            if epoch not in have:
+                tracking.log_metrics(uri, run_id, {k: v for k, v in by_epoch[epoch].items() if k != "epoch"}, epoch)
+    elif step == "final":
+        tracking.log_metrics(uri, run_id, record["final_metrics"], step=record["final_step"],
+                             timestamp_ms=record["final_timestamp_ms"])
+        tracking.set_tags(uri, run_id, record["tags"])
+    elif step == "artifacts":
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != run_id:  # `stkd log-run`: reopen the run in this process
+            mlflow.start_run(run_id=run_id)
+        return log_artifacts(record["config"], state, record["run_name"], record["image_shape"])
+    elif step == "status":
+        c.set_terminated(run_id, "FINISHED")
+    return None
+
+
+def describe_step(step: str, record: dict[str, Any]) -> str:
+    if step == "epochs":
+        return f"the metrics of epochs (steps) {compact(record['unlogged_epochs'])}"
+    if step == "final":
+        return f"the final metrics ({', '.join(record['final_metrics'])}) and tags ({', '.join(record['tags'])})"
+    if step == "artifacts":
+        name = record["config"]["mlflow"]["register_as"]
+        return "recipe.yaml, learning_curve.png and the model" + (f" (to be registered as {name})" if name else "")
+    return "the status FINISHED"
+
+
+def compact(steps: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``0-2, 5, 7-8``."""
+    runs: list[list[int]] = []
+    for s in sorted(steps):
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
+def log_later(path: str, wait_s: float) -> tuple[dict[str, Any], list[str], str | None]:
+    """``stkd log-run``: log into the same MLflow run what a run could not log (its checkpoint's
+    ``mlflow_run.json`` says what), from the checkpoint. Returns the record, what was logged now, and
+    the model URI if the model was."""
+    import mlflow
+    from ray.train import Checkpoint
+
+    if "://" not in path:
+        path = str(Path(path).expanduser().resolve())
+    ckpt = Checkpoint(path)
+    with ckpt.as_directory() as directory:
+        record = read_json(Path(directory) / RUN_FILE)
+        if record is None:
+            raise checkpoint.CheckpointError(
+                f"{path} has no {RUN_FILE}: give the final checkpoint of a `stkd teacher`/`stkd distill` run "
+                "(the path its message printed)")
+        state = checkpoint.load(directory)
+    logged = [describe_step(s, record) for s in record["pending"]]
+    if not logged:
+        return record, [], None
+    tracking.client(record["tracking_uri"])
+    try:
+        model_uri = finish_logging(record, state, wait_s, ckpt.filesystem, ckpt.path)
+    finally:
+        if mlflow.active_run() is not None:  # opened (status RUNNING) by the artifacts step
+            status = "FAILED" if record["pending"] else "FINISHED"
+            tracking.unless_away(record["tracking_uri"], f"the run's status {status}", lambda: mlflow.end_run(status))
+    return record, logged, model_uri
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_json(filesystem, path: str, data: dict[str, Any]) -> None:
+    with filesystem.open_output_stream(path) as f:
+        f.write(json.dumps(data, indent=1, default=str).encode())
 
 
 def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, image_shape: list[int]) -> str:

@@ -11,12 +11,27 @@ import logging
 import os
 import subprocess
 import warnings
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
+# While the server is away: one quick try (no MLflow retries, a short timeout), then another every few seconds.
+QUICK_TIMEOUT_S = 5
+RETRY_EVERY_S = 5.0
+
+T = TypeVar("T")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer within the time allowed."""
+
+
+class TrackingIncomplete(RuntimeError):
+    """The model is trained and checkpointed, but part of the run could not be logged (the message says
+    what, and the command that logs it later)."""
 
 
 def tracking_uri(config: dict[str, Any] | None = None) -> str:
@@ -144,21 +159,21 @@ def tracked_run(
         status = "FINISHED"
     except BaseException as e:
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        c.set_tag(run_id, "end_reason", reason[:5000])
+        unless_away(uri, "the run's end_reason tag", lambda: c.set_tag(run_id, "end_reason", reason[:5000]))
         raise
     finally:
         if mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
-            mlflow.end_run(status)
+            unless_away(uri, f"the run's status {status}", lambda: mlflow.end_run(status))
         else:
-            c.set_terminated(run_id, status)
+            unless_away(uri, f"the run's status {status}", lambda: c.set_terminated(run_id, status))
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    import time
-
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+    """Log ``metrics`` at ``step``. The store drops a metric identical to one it holds (same key, step,
+    value and ``timestamp_ms``), so a batch sent again with its original timestamp is logged once."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     client(uri).log_batch(run_id, metrics=batch)
 
@@ -198,6 +213,80 @@ def log_model(weights: dict[str, Any], image_shape: list[int] | tuple[int, ...],
         return mlflow.pytorch.log_model(model.eval(), name="model", extra_files=[str(path)], pip_requirements=["torch"],
                                         signature=signature, serialization_format="pickle",
                                         code_paths=[str(Path(stkd.__file__).parent)], registered_model_name=register_as)
+
+
+@contextlib.contextmanager
+def quick_requests(timeout_s: int = QUICK_TIMEOUT_S) -> Iterator[None]:
+    """MLflow HTTP calls that fail at once when the server is away, instead of retrying for minutes.
+
+    MLflow reads ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` at each request;
+    the callers here do their own waiting (:func:`when_reachable`) or keep what failed for later.
+    """
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def is_outage(error: BaseException) -> bool:
+    """A failure that waiting may cure: no connection, a timeout, a 5xx answer (a server restarting, a
+    proxy without its backend). A 4xx answer is a real error and is not waited on."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        return error.get_http_status_code() >= 500
+    if isinstance(error, requests.HTTPError):
+        return error.response is None or error.response.status_code >= 500
+    return isinstance(error, (requests.RequestException, ConnectionError, TimeoutError))
+
+
+def when_reachable(uri: str, what: str, action: Callable[[], T], deadline: float) -> T:
+    """``action()`` (MLflow calls), tried again every few seconds while the server is away, until
+    ``deadline`` (a ``time.monotonic()`` value); then :class:`TrackingUnavailable`."""
+    waiting_since = None
+    while True:
+        try:
+            with quick_requests():
+                result = action()
+            if waiting_since is not None:
+                log.warning("tracking server %s is back after %.0f s: logged %s", uri,
+                            time.monotonic() - waiting_since, what)
+            return result
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TrackingUnavailable(f"{uri} did not answer ({first_line(e)})") from e
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.warning("tracking server %s unreachable while logging %s (%s); trying again every %.0f s "
+                            "for up to %.0f s (mlflow.outage_wait_s)", uri, what, first_line(e), RETRY_EVERY_S, left)
+            time.sleep(min(RETRY_EVERY_S, left))
+
+
+def unless_away(uri: str, what: str, action: Callable[[], Any]) -> None:
+    """``action()`` once, quickly; a server that is away is logged as a warning, never raised."""
+    try:
+        with quick_requests():
+            action()
+    except Exception as e:
+        if not is_outage(e):
+            raise
+        log.warning("tracking server %s unreachable: %s not logged (%s)", uri, what, first_line(e))
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def learning_curve(history: list[dict[str, float]], path: str | Path, title: str = "") -> Path:

@@ -88,7 +88,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], teacher: run_lib.Teac
     config["train"]["run_name"] = f"{config['name']}-{trial_id}-{uuid.uuid4().hex[:6]}"
     run_lib.train(config, teacher=teacher, parent_run_id=parent_run_id,
                   extra_tags={"trial_id": trial_id, "sweep_parent": parent_run_id},
-                  callbacks=[TuneReportCallback()])
+                  callbacks=[TuneReportCallback()], verify_data=False)  # the sweep's driver verified it
 
 
 class Progress:

@@ -177,3 +177,55 @@ def test_decode_batch(prepared):
     np.testing.assert_array_equal(images2, images)
     with pytest.raises(DatasetError, match="no 'label' column"):
         decode_batch({"image": batch["image"]}, ds.image_shape)
+
+
+def test_shard_sizes_are_checked_on_every_open_and_checksums_only_when_asked(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    shard = manifest["splits"]["train"]["shards"][1]
+    assert shard["bytes"] == (copy / shard["file"]).stat().st_size
+    data = (copy / shard["file"]).read_bytes()
+    (copy / shard["file"]).write_bytes(data[:-10])  # a truncated copy
+    with pytest.raises(DatasetError, match=r"train-00001.parquet: \d+ bytes, the manifest says \d+"):
+        PreparedDataset.open(copy, verify=False)
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0xFF  # same size: only the checksum sees it
+    (copy / shard["file"]).write_bytes(bytes(flipped))
+    PreparedDataset.open(copy, verify=False)
+    with pytest.raises(DatasetError, match="sha256 mismatch"):
+        PreparedDataset.open(copy, verify=True)
+
+
+def test_a_manifest_without_sizes_is_still_read(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for info in manifest["splits"].values():
+        for s in info["shards"]:
+            del s["bytes"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert PreparedDataset.open(copy).rows("train") == 15
+
+
+def test_dataset_info_checksums_unless_told_the_sweep_did(copy):
+    from pipeline import config, run
+
+    cfg = config.load("test_tiny", [f"data.path={copy}"])
+    shard = copy / "test-00000.parquet"
+    flipped = bytearray(shard.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    assert run.dataset_info(cfg, verify=False)["test_rows"] == 9  # a trial: sizes only
+    with pytest.raises(DatasetError, match="sha256 mismatch"):
+        run.dataset_info(cfg)
+
+
+def test_stkd_verify_data(copy, capsys):
+    from pipeline import cli
+
+    assert cli.main(["verify-data", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert f"{copy}: tree, train 15, test 9, valid 6 rows; 9 shards" in out and "match their sha256" in out
+    shard = copy / "valid-00000.parquet"
+    flipped = bytearray(shard.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    assert cli.main(["verify-data", str(copy)]) == 2
+    assert "valid-00000.parquet: sha256 mismatch" in capsys.readouterr().err

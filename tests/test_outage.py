@@ -1,0 +1,210 @@
+"""Tracking outages never fail or stall training.
+
+Against the real ``mlflow server`` as ``cluster/local/mlflow_server.sh`` starts it (SQLite store, served
+artifacts) on a free port, stopped by ``cluster/local/stop.sh`` (by its recorded PID) in the middle of a
+``stkd teacher`` run and started again on the same port and store. MLflow's own HTTP retry window is
+shortened in the job (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``..._BACKOFF_FACTOR``) so the outage outlasts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import config, epoch_logger, tracking
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL = ROOT / "cluster" / "local"
+CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused at once
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The project's MLflow server script, on one port and one state folder, stopped and started again."""
+
+    def __init__(self, state: Path) -> None:
+        self.state, self.port = state, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        subprocess.run([str(LOCAL / "mlflow_server.sh"), "--state", str(self.state), "--port", str(self.port),
+                        "--workers", "1"], check=True, capture_output=True, timeout=150)
+
+    def stop(self) -> None:
+        subprocess.run([str(LOCAL / "stop.sh"), "--mlflow-only", "--state", str(self.state)], check=True,
+                       capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("mlflow-state"))
+    s.start()
+    yield s
+    s.stop()
+
+
+def stkd(args: list[str], server: Server, ray_session, log: Path) -> subprocess.Popen:
+    """A ``stkd`` command as a user runs it, on the session's Ray, logging to ``server``."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           # MLflow's own retries: about 3 s instead of about 4 minutes, so a 15 s outage outlasts them.
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=log.parent, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_text(job: subprocess.Popen, log: Path, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert job.poll() is None, f"job ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} in {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def wait_for_epoch(job: subprocess.Popen, log: Path, epoch: int, epochs: int) -> None:
+    """Wait until the job's rank 0 has printed ``epoch N/M`` (1-based)."""
+    wait_for_text(job, log, f"epoch {epoch}/{epochs} ")
+
+
+def run_of(uri: str, experiment: str):
+    c = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the registry another test made global
+    exp = c.get_experiment_by_name(experiment)
+    (run,) = c.search_runs([exp.experiment_id])
+    return c, run
+
+
+def assert_every_epoch_once(c, run_id: str, epochs: int) -> None:
+    for key in ("loss/total", "test/top1", "train/acc", "lr", "images_per_s"):
+        steps = sorted(m.step for m in c.get_metric_history(run_id, key))
+        assert steps == list(range(epochs)), (key, steps)
+
+
+# --- without Ray: the pieces ---------------------------------------------------------------------
+
+
+def test_a_server_that_is_away_fails_fast_and_is_waited_for_until_the_deadline():
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable, match="did not answer"):
+        tracking.when_reachable(CLOSED, "a test", lambda: tracking.client(CLOSED).search_experiments(),
+                                time.monotonic() + 2)
+    assert time.monotonic() - start < 20  # MLflow alone would retry for minutes
+    tracking.unless_away(CLOSED, "a tag", lambda: tracking.client(CLOSED).set_tag("0" * 32, "k", "v"))  # no raise
+
+
+def test_a_real_error_is_not_mistaken_for_an_outage(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    with pytest.raises(mlflow.exceptions.MlflowException):  # no such run: raised at once, not waited on
+        tracking.when_reachable(uri, "a test", lambda: tracking.client(uri).get_run("0" * 32), time.monotonic() + 60)
+
+
+def test_epoch_logger_queues_while_away_and_logs_each_epoch_once_when_back(tmp_path):
+    from ray.train import Checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = tracking.client(uri)
+    run_id = c.create_run(tracking.experiment_id(c, "outage-unit")).info.run_id
+    logger = epoch_logger.EpochLogger(CLOSED, run_id)
+    (tmp_path / "ckpt").mkdir()
+    start = time.monotonic()
+    logger.after_report(None, [{"epoch": 0, "loss/total": 2.0}, {"epoch": 0, "loss/total": 9.0}], None)
+    logger.after_report(None, [{"epoch": 1, "loss/total": 1.5}], Checkpoint(str(tmp_path / "ckpt")))
+    assert time.monotonic() - start < 20 and sorted(logger.queued) == [0, 1]
+    assert json.loads((tmp_path / "ckpt" / epoch_logger.UNLOGGED_FILE).read_text())["epochs"] == [0, 1]
+    logger.tracking_uri = uri  # the server is back
+    logger.after_report(None, [{"epoch": 1, "loss/total": 1.5}], None)  # a repeated report adds nothing
+    logger.after_report(None, [{"epoch": 2, "loss/total": 1.0}], None)
+    assert not logger.queued
+    history = c.get_metric_history(run_id, "loss/total")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(0, 2.0), (1, 1.5), (2, 1.0)]
+
+
+def test_outage_wait_is_checked():
+    with pytest.raises(config.ConfigError, match="mlflow.outage_wait_s: must be >= 0"):
+        config.load("test_tiny", ["data.path=x", "mlflow.outage_wait_s=-1"])
+
+
+# --- end to end: the real server stopped in the middle of a run ----------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_server_away_mid_run_and_back(server, ray_session, digits, tmp_path):
+    """Away for longer than MLflow's retry window while epochs go on: exit 0, FINISHED, every epoch once."""
+    epochs, log = 12, tmp_path / "job.log"
+    job = stkd(["teacher", "--recipe", "test_tiny", f"data.path={digits}", f"train.storage_path={tmp_path / 'runs'}",
+                f"optim.epochs={epochs}", "mlflow.experiment=outage-back", "mlflow.register_as=outage-back"],
+               server, ray_session, log)
+    try:
+        wait_for_epoch(job, log, 2, epochs)
+        stopped = time.monotonic()
+        server.stop()
+        # Ray Train's controller takes the workers' reports a little behind them: the server stays away
+        # until the epoch logger has met it away, and for longer than MLflow's own retries.
+        wait_for_text(job, log, "could not log epoch metrics")
+        wait_for_epoch(job, log, 4, epochs)  # training went on meanwhile
+        time.sleep(max(0.0, 15 - (time.monotonic() - stopped)))
+        server.start()
+        assert job.wait(timeout=180) == 0, log.read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    text = log.read_text()
+    c, run = run_of(server.uri, "outage-back")
+    assert run.info.status == "FINISHED"
+    assert_every_epoch_once(c, run.info.run_id, epochs)
+    assert "final/test_top1_selected" in run.data.metrics
+    assert c.search_model_versions("name='outage-back'")
+    assert "is back after" in text and "ControllerError" not in text
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_server_that_never_returns_then_stkd_log_run(server, ray_session, digits, tmp_path):
+    """The end of the run gives up after mlflow.outage_wait_s, says what was not logged and how to log it;
+    that command logs it into the same run once the server is back."""
+    epochs, log = 4, tmp_path / "job.log"
+    job = stkd(["teacher", "--recipe", "test_tiny", f"data.path={digits}", f"train.storage_path={tmp_path / 'runs'}",
+                f"optim.epochs={epochs}", "mlflow.experiment=outage-never", "mlflow.register_as=outage-never",
+                "mlflow.outage_wait_s=3"], server, ray_session, log)
+    try:
+        wait_for_epoch(job, log, 1, epochs)
+        server.stop()
+        assert job.wait(timeout=180) == 3, log.read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    text = log.read_text()
+    assert "the model is trained, but MLflow at" in text and "did not answer for 3 s" in text
+    assert re.search(r"the metrics of epochs \(steps\) [0-9]-3", text)
+    assert "recipe.yaml, learning_curve.png and the model (to be registered as outage-never)" in text
+    assert "the status FINISHED" in text
+    checkpoint_path = re.search(r"log it once the server answers: stkd log-run (\S+)", text).group(1)
+    assert Path(checkpoint_path, "checkpoint.pt").is_file()  # the trained model is kept
+
+    server.start()
+    c, run = run_of(server.uri, "outage-never")
+    assert run.info.status != "FINISHED" and "final/test_top1_selected" not in run.data.metrics
+    later = stkd(["log-run", checkpoint_path], server, ray_session, tmp_path / "later.log")
+    assert later.wait(timeout=120) == 0, (tmp_path / "later.log").read_text()[-3000:]
+    assert "logged the metrics of epochs" in (tmp_path / "later.log").read_text()
+    run = c.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert_every_epoch_once(c, run.info.run_id, epochs)
+    assert "final/test_top1_selected" in run.data.metrics and run.data.tags["selected_by"] == "last epoch"
+    assert {"recipe.yaml", "learning_curve.png"} <= {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert c.search_model_versions("name='outage-never'")
+    again = stkd(["log-run", checkpoint_path], server, ray_session, tmp_path / "again.log")
+    assert again.wait(timeout=120) == 0 and "nothing left to log" in (tmp_path / "again.log").read_text()
