@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -152,7 +153,8 @@ def raylet_children(pattern: str) -> list[int]:
 def test_resume_after_a_worker_is_killed(ray_session, mlflow_uri, tiny_overrides):
     epochs = 6
     cfg = config.load("test_tiny", tiny_overrides + [f"optim.epochs={epochs}", "train.max_failures=2",
-                                                     "train.checkpoint_every=1", "name=test-resume"])
+                                                     "train.checkpoint_every=1",
+                                                     f"train.run_name=test-resume-{uuid.uuid4().hex[:6]}"])
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=run.train(cfg)), daemon=True)
     thread.start()
