@@ -148,12 +148,14 @@ def train(
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
     callbacks: list | None = None,
+    resume_run_id: str | None = None,
 ) -> Outcome:
     """Run one training job end to end and log it as one MLflow run.
 
     ``teacher``: an already shared teacher (a sweep shares one across trials); otherwise the
     config's ``teacher.source`` is loaded here. ``callbacks``: Ray Train callbacks (a Tune trial
-    passes the one that forwards each epoch's report to Tune).
+    passes the one that forwards each epoch's report to Tune). ``resume_run_id``: the MLflow run of
+    this run's earlier attempt (a restarted Tune trial), continued rather than a second one started.
     """
     config = config_lib.validate(config)
     info = dataset_info(config)
@@ -172,15 +174,18 @@ def train(
             tags["teacher_test_top1"] = f"{teacher.accuracy:.2f}"
     start = time.perf_counter()
     with tracking.tracked_run(uri, config["mlflow"]["experiment"], run_name, config_lib.flatten(config), tags,
-                              parent_run_id) as run_id:
-        if teacher is not None and teacher.accuracy is not None:
+                              parent_run_id, resume_run_id) as run_id:
+        if teacher is not None and teacher.accuracy is not None and not resume_run_id:
             tracking.log_metrics(uri, run_id, {"teacher/test_top1": teacher.accuracy}, step=0)
         loop_context = {"config": config, "dataset_info": info, "teacher_ref": teacher.ref if teacher else None}
         log.info("run %s: %s %s on %s with %d worker(s)", run_name, config["method"]["name"],
                  config["model"]["student"], info["path"], config["train"]["workers"])
         from pipeline.epoch_logger import EpochLogger
 
-        callbacks = [EpochLogger(uri, run_id), *(callbacks or [])]
+        epoch_logger = EpochLogger(uri, run_id)
+        if resume_run_id:  # epochs the earlier attempt logged after its last checkpoint are trained again
+            epoch_logger.logged.update(logged_epochs(uri, run_id))
+        callbacks = [epoch_logger, *(callbacks or [])]
         result = make_trainer(config, loop_context, run_name, callbacks).fit()
         wall = time.perf_counter() - start
         with result.checkpoint.as_directory() as directory:
@@ -195,6 +200,10 @@ def train(
                                         "selected_by": "val/top1" if outcome.val_top1 is not None else "last epoch"})
         outcome.model_uri = log_artifacts(config, state, run_name, info["image_shape"])
     return outcome
+
+
+def logged_epochs(uri: str, run_id: str) -> set[int]:
+    return {m.step for m in tracking.client(uri).get_metric_history(run_id, "test/top1")}
 
 
 def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, image_shape: list[int]) -> str:
