@@ -47,9 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def trial_resources(config: dict[str, Any]) -> dict[str, float]:
     """What one trial's TorchTrainer reserves."""
     train = config["train"]
-    need = {"CPU": train["workers"] * train["cpus_per_worker"]}
+    need = {"CPU": float(train["workers"] * train["cpus_per_worker"])}
     if train["use_gpu"]:
-        need["GPU"] = train["workers"] * train["gpus_per_worker"]
+        need["GPU"] = float(train["workers"] * train["gpus_per_worker"])
     return need
 
 
@@ -284,22 +284,22 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
         trainable = functools.partial(trial, base=base, teacher=teacher, parent_run_id=parent_run_id,
                                       sweep_dir=sweep_dir)
         trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
-        concurrent = concurrency(base, samples, max_concurrent, fixed_cluster())
+        trials = search_space.trial_count(space["parameters"], samples)
+        concurrent = concurrency(base, trials, max_concurrent, fixed_cluster())
         progress = Progress(metric, epochs, trial_resources(base), base["tune"]["resource_timeout_s"])
         try:
             if resume:
                 tuner = restore(sweep_dir, trainable, base, progress)
             else:
+                sched = make_scheduler(scheduler, base, (uri, base["mlflow"]["experiment"], parent_run_id))
                 tuner = tune.Tuner(
                     trainable,
                     param_space=search_space.to_tune(space["parameters"]),
-                    tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=samples,
-                                                scheduler=make_scheduler(scheduler, base, (uri, base["mlflow"]["experiment"],
-                                                                                           parent_run_id)),
+                    tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=samples, scheduler=sched,
                                                 max_concurrent_trials=concurrent),
                     run_config=run_config(base, name, storage, progress),
                 )
-            log.info("sweep %s: %d sample(s), %s, up to %d trial(s) at once", name, samples, scheduler, concurrent)
+            log.info("sweep %s: %d trial(s), %s, up to %d at once", name, trials, scheduler, concurrent)
             results = tuner.fit()
             check_timed_out(progress, f"sweep {name}", "tune.resource_timeout_s=SECONDS or "
                             "--resource-timeout SECONDS")
