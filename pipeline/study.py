@@ -117,7 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="study name (default: a new unique one); with --resume, the study to resume")
     parser.add_argument("--resume", action="store_true", help="resume an interrupted study (the latest one of this "
                                                                "spec unless --name says which)")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="cap on runs training at once")
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="runs training at once (default: tune.max_concurrent, else every run)")
+    parser.add_argument("--resource-timeout", type=float, default=None, metavar="SECONDS",
+                        help="end the study when runs wait this long for resources and none progresses "
+                             "(default: tune.resource_timeout_s, 1800)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run, section.key=value")
 
 
@@ -181,7 +185,7 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
             log.info("study %s: %d runs (%d pair(s) x %d method(s) x %d seed(s)), up to %d at once", name, len(cells),
                      len(study["pairs"]), len(study["methods"]), len(study["seeds"]), concurrent)
             results = tuner.fit()
-            tune.check_timed_out(progress, f"study {name}", "tune.resource_timeout_s=SECONDS")
+            tune.check_timed_out(progress, f"study {name}", "--resource-timeout SECONDS")
         finally:
             tune.close_trial_runs(uri, experiment, parent_run_id, epochs)
         return summarize(study, results, teachers, name, parent_run_id, uri, storage)
@@ -309,7 +313,8 @@ def summarize(study, results, teachers, name, parent_run_id, uri, storage) -> di
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    study = load_study(args.spec, args.overrides)
+    options = [f"tune.resource_timeout_s={args.resource_timeout}"] if args.resource_timeout else []
+    study = load_study(args.spec, [*options, *args.overrides])
     summary = run_study(study, args.name, args.resume, args.max_concurrent)
     print(f"\nstudy {summary['name']}: {len(summary['rows'])} runs finished, {len(summary['errors'])} failed")
     for error in summary["errors"]:
