@@ -69,6 +69,14 @@ DEFAULTS: dict[str, Any] = {
     },
     # outage_wait_s: how long the end of a run waits for a tracking server that is away (see README).
     "mlflow": {"tracking_uri": None, "experiment": "stkd", "register_as": None, "outage_wait_s": 1800},
+    # Sweeps and studies (`stkd tune`, `stkd study`); a single run ignores them.
+    "tune": {
+        "max_concurrent": None,  # trials at once; default: all (the autoscaler adds nodes as they wait)
+        "resource_timeout_s": 1800,  # end the sweep when no trial progresses this long while resources are awaited
+        "max_failures": 2,  # a failed trial (its node died) runs again, from its last checkpoint
+        "grace_period": None,  # ASHA's first rung, in epochs; default: just after the first learning-rate drop
+        "reduction_factor": 2,
+    },
 }
 
 TYPES: dict[str, tuple[type, ...]] = {
@@ -89,6 +97,9 @@ TYPES: dict[str, tuple[type, ...]] = {
     "train.cpus_per_worker": (int, float),
     "train.gpus_per_worker": (int, float),
     "mlflow.outage_wait_s": (int, float),
+    "tune.max_concurrent": (int, type(None)),
+    "tune.resource_timeout_s": (int, float),
+    "tune.grace_period": (int, type(None)),
 }
 
 
@@ -325,6 +336,8 @@ def check_values(config: dict[str, Any], problems: list[str]) -> None:
         problems.append("train.sync_bn: PyTorch's SyncBatchNorm runs on GPUs only; set train.use_gpu=true, or leave "
                         "train.sync_bn at 'auto' (on the CPU each worker's BatchNorm keeps its own statistics)")
     check_schedule(optim, problems)
+    check_gpus(train, problems)
+    check_tune(config["tune"], optim, problems)
     fraction = config["data"]["val_fraction"]
     if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and not 0 <= fraction < 1:
         problems.append(f"data.val_fraction: must be in [0, 1), got {fraction}")
@@ -347,6 +360,37 @@ def check_schedule(optim: dict[str, Any], problems: list[str]) -> None:
                             f"1..{epochs - 1}); scale them with optim.epochs or use optim.schedule=cosine")
         if milestones != sorted(milestones):
             problems.append(f"optim.milestones: must be increasing, got {milestones}")
+
+
+def check_gpus(train: dict[str, Any], problems: list[str]) -> None:
+    """NCCL refuses two ranks of one job on the same GPU: fractional GPUs only for one-worker runs."""
+    workers, share = train["workers"], train["gpus_per_worker"]
+    if (train["use_gpu"] is True and isinstance(workers, int) and workers > 1
+            and isinstance(share, (int, float)) and share < 1):
+        problems.append(f"train.gpus_per_worker: {share} with train.workers={workers} would put two ranks of one run "
+                        "on one GPU, which NCCL refuses (\"Duplicate GPU detected\"); use train.gpus_per_worker=1 "
+                        "with several workers, or train.workers=1 to share GPUs between trials")
+    if isinstance(share, (int, float)) and not isinstance(share, bool) and (share <= 0 or (share > 1 and share % 1)):
+        problems.append(f"train.gpus_per_worker: a fraction of one GPU in (0, 1] or a whole number, got {share}")
+
+
+def check_tune(tune: dict[str, Any], optim: dict[str, Any], problems: list[str]) -> None:
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if number(tune["max_concurrent"]) and tune["max_concurrent"] < 1:
+        problems.append(f"tune.max_concurrent: must be >= 1 (or null: every trial), got {tune['max_concurrent']}")
+    if number(tune["resource_timeout_s"]) and tune["resource_timeout_s"] <= 0:
+        problems.append(f"tune.resource_timeout_s: must be > 0 seconds, got {tune['resource_timeout_s']}")
+    if number(tune["max_failures"]) and tune["max_failures"] < -1:
+        problems.append(f"tune.max_failures: retries of a failed trial, >= 0 (-1: without end), "
+                        f"got {tune['max_failures']}")
+    if number(tune["reduction_factor"]) and tune["reduction_factor"] < 2:
+        problems.append(f"tune.reduction_factor: ASHA keeps 1 in reduction_factor trials per rung, must be >= 2, "
+                        f"got {tune['reduction_factor']}")
+    grace, epochs = tune["grace_period"], optim["epochs"]
+    if number(grace) and number(epochs) and not 1 <= grace <= epochs:
+        problems.append(f"tune.grace_period: ASHA's first rung must be within the {epochs} epochs, got {grace}")
 
 
 def with_epochs(overrides: list[str], config: dict[str, Any], epochs: int) -> list[str]:

@@ -186,13 +186,15 @@ def train(
     extra_tags: dict[str, str] | None = None,
     callbacks: list | None = None,
     verify_data: bool = True,
+    resume_run_id: str | None = None,
 ) -> Outcome:
     """Run one training job end to end and log it as one MLflow run.
 
     ``teacher``: an already shared teacher (a sweep shares one across trials); otherwise the
     config's ``teacher.source`` is loaded here. ``callbacks``: Ray Train callbacks (a Tune trial
     passes the one that forwards each epoch's report to Tune). ``verify_data``: checksum the dataset
-    (a trial passes ``False``: its sweep's driver has verified it).
+    (a trial passes ``False``: its sweep's driver has verified it). ``resume_run_id``: the MLflow run of
+    this run's earlier attempt (a restarted Tune trial), continued rather than a second one started.
     """
     config = config_lib.validate(config)
     phases = Phases()
@@ -216,8 +218,8 @@ def train(
             tags["teacher_test_top1"] = f"{teacher.accuracy:.2f}"
     start = time.perf_counter()
     with tracking.tracked_run(uri, config["mlflow"]["experiment"], run_name, config_lib.flatten(config), tags,
-                              parent_run_id) as run_id:
-        if teacher is not None and teacher.accuracy is not None:
+                              parent_run_id, resume_run_id) as run_id:
+        if teacher is not None and teacher.accuracy is not None and not resume_run_id:
             tracking.log_metrics(uri, run_id, {"teacher/test_top1": teacher.accuracy}, step=0)
         tracking.log_dataset(run_id, info["name"], info["path"], info["digest"], {
             "train_rows": info["train_rows"], "val_rows": info["val_rows"], "test_rows": info["test_rows"],
@@ -229,8 +231,11 @@ def train(
         from pipeline.epoch_logger import UNLOGGED_FILE, EpochLogger
 
         phases.add("mlflow_start", time.perf_counter() - start)
+        epoch_logger = EpochLogger(uri, run_id)
+        if resume_run_id:  # epochs the earlier attempt logged after its last checkpoint are trained again
+            epoch_logger.logged.update(logged_epochs(uri, run_id))
         with phases.time("fit"), progress.epoch_lines(run_name, config["optim"]["epochs"]) as shown:
-            callbacks = [EpochLogger(uri, run_id), *shown, *(callbacks or [])]
+            callbacks = [epoch_logger, *shown, *(callbacks or [])]
             result = make_trainer(config, loop_context, run_name, callbacks).fit()
         wall = time.perf_counter() - start
         with result.checkpoint.as_directory() as directory:
@@ -257,6 +262,10 @@ def train(
     phases.add("total", time.perf_counter() - called)
     outcome.phases = phases
     return outcome
+
+
+def logged_epochs(uri: str, run_id: str) -> set[int]:
+    return {m.step for m in tracking.client(uri).get_metric_history(run_id, "loss/total")}  # every epoch logs it
 
 
 # What the end of a run logs, in this order; a step done is not done again (``stkd log-run``).

@@ -12,6 +12,7 @@ A space file::
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,11 @@ def to_tune(parameters: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = tune.grid_search(spec["values"])
     return out
+
+def trial_count(parameters: dict[str, Any], samples: int) -> int:
+    """Trials a sweep runs: Tune samples every grid point ``samples`` times."""
+    return samples * math.prod(len(spec["values"]) for spec in parameters.values() if spec["distribution"] == "grid")
+
 
 def apply(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """A trial's config: the base config with the sampled dotted keys set, validated."""

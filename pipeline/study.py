@@ -28,7 +28,6 @@ import json
 import logging
 import re
 import statistics
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -118,37 +117,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="study name (default: a new unique one); with --resume, the study to resume")
     parser.add_argument("--resume", action="store_true", help="resume an interrupted study (the latest one of this "
                                                                "spec unless --name says which)")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="cap on runs training at once")
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="runs training at once (default: tune.max_concurrent, else every run)")
+    parser.add_argument("--resource-timeout", type=float, default=None, metavar="SECONDS",
+                        help="end the study when runs wait this long for resources and none progresses "
+                             "(default: tune.resource_timeout_s, 1800)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run, section.key=value")
 
 
 def study_trial(params: dict[str, Any], *, configs: dict, teachers: dict, study_name: str,
-                parent_run_id: str) -> None:
+                parent_run_id: str, study_dir: str) -> None:
     """One cell of the grid: one run of one method on one pair with one seed."""
-    from ray import tune as ray_tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     pair, label, seed = params["cell"]
     config = config_lib.merge(configs[(pair, label, seed)], {})
-    trial_id = ray_tune.get_context().get_trial_id()
-    config["train"]["run_name"] = f"{label}-{config['model']['student']}-s{seed}-{trial_id}-{uuid.uuid4().hex[:4]}"
     teacher = teachers.get(pair) if config["method"]["name"] != "ce" else None
-    run_lib.train(config, teacher=teacher, parent_run_id=parent_run_id,
-                  extra_tags={"study": study_name, "pair": pair, "variant": label, "trial_id": trial_id},
-                  callbacks=[TuneReportCallback()], verify_data=False)  # the study's driver verified it
+    tune.train_trial(config, teacher, parent_run_id, study_dir, {"study": study_name, "pair": pair, "variant": label})
 
 
 def run_study(study: dict[str, Any], name: str | None = None, resume: bool = False,
               max_concurrent: int | None = None) -> dict[str, Any]:
     """Run (or resume) a study; returns the summary (rows, table, files, parent run)."""
-    import ray
     from ray import tune as ray_tune
 
     configs = study["configs"]
     first = next(iter(configs.values()))
     storage = first["train"]["storage_path"]
     name = name or (tune.latest_sweep(storage, f"study-{study['name']}-") if resume else None) \
-        or f"study-{study['name']}-{uuid.uuid4().hex[:8]}"
+        or tune.new_sweep_name(f"study-{study['name']}")
     study_dir = f"{storage.rstrip('/')}/{name}"
     if resume and not ray_tune.Tuner.can_restore(study_dir):
         raise StudyError(f"no study to resume at {study_dir}")
@@ -174,21 +169,23 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
                               resume_run_id=state.get("parent_run_id")) as parent_run_id:
         tune.write_text(f"{study_dir}/{tune.SWEEP_FILE}", json.dumps({"parent_run_id": parent_run_id}))
         trainable = functools.partial(study_trial, configs=configs, teachers=teachers, study_name=name,
-                                      parent_run_id=parent_run_id)
+                                      parent_run_id=parent_run_id, study_dir=study_dir)
         trainable = ray_tune.with_resources(trainable, {"CPU": tune.TRIAL_CPU})
-        concurrent = tune.concurrency(first, ray.cluster_resources(), len(cells), max_concurrent)
+        concurrent = tune.concurrency(first, len(cells), max_concurrent, tune.fixed_cluster())
+        progress = tune.Progress("selected/val_top1", epochs, tune.trial_resources(first),
+                                 first["tune"]["resource_timeout_s"])
         try:
             if resume:
-                tuner = ray_tune.Tuner.restore(study_dir, trainable=trainable, resume_errored=True)
+                tuner = tune.restore(study_dir, trainable, first, progress)
             else:
                 tuner = ray_tune.Tuner(
                     trainable, param_space={"cell": ray_tune.grid_search([list(c) for c in cells])},
                     tune_config=ray_tune.TuneConfig(max_concurrent_trials=concurrent),
-                    run_config=ray_tune.RunConfig(name=name, storage_path=storage, verbose=0,
-                                                  callbacks=[tune.Progress("selected/val_top1", epochs)]))
+                    run_config=tune.run_config(first, name, storage, progress))
             log.info("study %s: %d runs (%d pair(s) x %d method(s) x %d seed(s)), up to %d at once", name, len(cells),
                      len(study["pairs"]), len(study["methods"]), len(study["seeds"]), concurrent)
             results = tuner.fit()
+            tune.check_timed_out(progress, f"study {name}", "--resource-timeout SECONDS")
         finally:
             tune.close_trial_runs(uri, experiment, parent_run_id, epochs)
         return summarize(study, results, teachers, name, parent_run_id, uri, storage)
@@ -298,8 +295,10 @@ def summarize(study, results, teachers, name, parent_run_id, uri, storage) -> di
     (out_dir / "study_summary.json").write_text(json.dumps({"study": name, "spec": study["file"], "table": table,
                                                             "runs": rows, "errors": errors}, indent=1))
     figure = plot(study, rows, table, out_dir / "study_plot.png")
-    for file in ("study_table.md", "study_runs.csv", "study_summary.json", "study_plot.png"):
-        mlflow.log_artifact(str(out_dir / file))
+    files = [out_dir / f for f in ("study_table.md", "study_runs.csv", "study_summary.json", "study_plot.png")]
+    for file in files:
+        mlflow.log_artifact(str(file))
+    stored_dir = tune.publish(out_dir, storage, name, files)[0].rsplit("/", 1)[0]
     metrics = {}
     for row in table:
         if row["method"].startswith("teacher") or row["selected"] is None:
@@ -310,11 +309,12 @@ def summarize(study, results, teachers, name, parent_run_id, uri, storage) -> di
                         f"{key}/test_top1_last_mean": row["last"][0], f"{key}/test_top1_last_std": row["last"][1]})
     tracking.log_metrics(uri, parent_run_id, {**metrics, "runs_finished": len(rows), "runs_failed": len(errors)}, 0)
     return {"name": name, "parent_run_id": parent_run_id, "rows": rows, "errors": errors, "table": table,
-            "text": text, "dir": str(out_dir), "plot": str(figure)}
+            "text": text, "dir": stored_dir, "plot": str(figure)}
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    study = load_study(args.spec, args.overrides)
+    options = [f"tune.resource_timeout_s={args.resource_timeout}"] if args.resource_timeout else []
+    study = load_study(args.spec, [*options, *args.overrides])
     summary = run_study(study, args.name, args.resume, args.max_concurrent)
     print(f"\nstudy {summary['name']}: {len(summary['rows'])} runs finished, {len(summary['errors'])} failed")
     for error in summary["errors"]:

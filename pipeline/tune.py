@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import math
+import re
 import tempfile
 import time
 import uuid
@@ -35,32 +36,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="sweep name (default: a new unique one); with --resume, the sweep to resume")
     parser.add_argument("--resume", action="store_true", help="resume an interrupted sweep (the latest one of this "
                                                                "space unless --name says which)")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="cap on trials running at once")
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="trials running at once (default: tune.max_concurrent, else every trial; the autoscaler "
+                             "adds nodes for those waiting)")
+    parser.add_argument("--resource-timeout", type=float, default=None, metavar="SECONDS",
+                        help="end the sweep when trials wait this long for resources and none progresses "
+                             "(default: tune.resource_timeout_s, 1800)")
 
 
 def trial_resources(config: dict[str, Any]) -> dict[str, float]:
     """What one trial's TorchTrainer reserves."""
     train = config["train"]
-    need = {"CPU": train["workers"] * train["cpus_per_worker"]}
+    need = {"CPU": float(train["workers"] * train["cpus_per_worker"])}
     if train["use_gpu"]:
-        need["GPU"] = train["workers"] * train["gpus_per_worker"]
+        need["GPU"] = float(train["workers"] * train["gpus_per_worker"])
     return need
 
 
-def concurrency(config: dict[str, Any], cluster: dict[str, float], samples: int, cap: int | None) -> int:
-    """Trials that fit in the cluster at once (several small students share a GPU with fractional GPUs).
+def concurrency(config: dict[str, Any], samples: int, cap: int | None = None,
+                cluster: dict[str, float] | None = None) -> int:
+    """Trials at once: ``cap`` (``--max-concurrent``), else ``tune.max_concurrent``, else every trial.
 
-    Each running trial's own driver process holds a sliver of CPU (``TRIAL_CPU``) beside its workers,
-    so the trainers' workers never wait on resources held by trial drivers: on 2 CPUs the sweep cannot
-    deadlock.
+    Never the nodes up at launch: an autoscaling cluster starts small (no GPU worker at all) and grows
+    when trials ask. ``cluster`` is the most the cluster can ever hold, where that is known (see
+    :func:`fixed_cluster`); it bounds the concurrency, counting the sliver of CPU (``TRIAL_CPU``) each
+    trial's own driver holds beside its workers, so on 2 CPUs the sweep cannot deadlock.
     """
+    limit = min(samples, cap or config["tune"]["max_concurrent"] or samples)
+    if cluster is None:
+        return max(1, limit)
     need = trial_resources(config)
     fits = min(math.floor(cluster.get(k, 0.0) / (v + (TRIAL_CPU if k == "CPU" else 0.0)) + 1e-9)
                for k, v in need.items())
     if fits < 1:
-        raise config_lib.ConfigError(f"one trial needs {need} but the cluster has {cluster}: lower train.workers, "
-                                     "train.cpus_per_worker or train.gpus_per_worker")
-    return max(1, min(fits, samples, cap or samples))
+        raise config_lib.ConfigError(f"one trial needs {need} but this Ray instance (started by this command, so it "
+                                     f"cannot grow) has {cluster}: lower train.workers, train.cpus_per_worker or "
+                                     "train.gpus_per_worker, or run on a cluster (RAY_ADDRESS)")
+    return max(1, min(fits, limit))
+
+
+def fixed_cluster() -> dict[str, float] | None:
+    """The resources of a Ray instance this process started itself (no autoscaler: it never grows);
+    None for a cluster joined through its address, whose maximum size is not known here."""
+    import ray
+    from ray._private import worker
+
+    return ray.cluster_resources() if getattr(worker._global_node, "head", False) else None
 
 
 DEFAULT_VAL_FRACTION = 0.1
@@ -68,7 +89,12 @@ TRIAL_CPU = 0.05  # what a trial's own driver process reserves beside its TorchT
 
 
 def with_validation_split(config: dict[str, Any]) -> dict[str, Any]:
-    """Trials are compared on validation accuracy, never on test: carve one when the recipe has none."""
+    """Trials are compared on validation accuracy, never on test: carve one when the recipe has none,
+    and measure it every epoch (ASHA and the progress table read it from every report)."""
+    if config["data"]["eval_every"] != 1:
+        log.info("trials evaluate every epoch (data.eval_every=%d ignored): a sweep compares them at each",
+                 config["data"]["eval_every"])
+        config = config_lib.merge(config, {"data": {"eval_every": 1}})
     if config["data"]["val_fraction"] > 0:
         return config
     log.info("the recipe has no validation split (data.val_fraction=0): trials hold out %d%% of train, "
@@ -78,57 +104,162 @@ def with_validation_split(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial(params: dict[str, Any], *, base: dict[str, Any], teacher: run_lib.Teacher | None,
-          parent_run_id: str) -> None:
+          parent_run_id: str, sweep_dir: str) -> None:
     """One trial: the base config with the sampled parameters, trained by its own TorchTrainer."""
+    config = search_space.apply(base, params)
+    train_trial(config, teacher, parent_run_id, sweep_dir, {"sweep_parent": parent_run_id})
+
+
+def train_trial(config: dict[str, Any], teacher: run_lib.Teacher | None, parent_run_id: str, sweep_dir: str,
+                tags: dict[str, str]) -> None:
+    """Train one trial of a sweep or study under a name that survives a restart.
+
+    The run is named for what it is and its Tune trial id, which Tune keeps across ``--resume`` and
+    across a retry (``tune.max_failures``), and lives in the sweep's folder: a restarted trial's
+    TorchTrainer finds its own (storage_path, name) and goes on from its last checkpoint, and its
+    MLflow run is reopened rather than a second one started.
+    """
     from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    config["train"]["run_name"] = f"{config_lib.run_label(config, teacher.spec['name'] if teacher else None)}-{trial_id}"
+    config["train"]["storage_path"] = sweep_dir
+    uri = tracking.tracking_uri(config)
+    _, earlier = trial_run(uri, config["mlflow"]["experiment"], parent_run_id, trial_id)
+    if earlier is not None:
+        log.info("trial %s: continuing MLflow run %s and its last checkpoint", trial_id, earlier.info.run_id)
+    run_lib.train(config, teacher=teacher, parent_run_id=parent_run_id, extra_tags={"trial_id": trial_id, **tags},
+                  callbacks=[epochs_done_callback()], resume_run_id=earlier.info.run_id if earlier else None,
+                  verify_data=False)  # the sweep's driver verified it
+
+
+def epochs_done_callback():
+    """Forwards each epoch's report to Tune with ``epochs_done``: ASHA's clock. Tune's own
+    ``training_iteration`` starts again at 1 when a trial restarts from its checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    config = search_space.apply(base, params)
-    trial_id = tune.get_context().get_trial_id()
-    config["train"]["run_name"] = f"{config['name']}-{trial_id}-{uuid.uuid4().hex[:6]}"
-    run_lib.train(config, teacher=teacher, parent_run_id=parent_run_id,
-                  extra_tags={"trial_id": trial_id, "sweep_parent": parent_run_id},
-                  callbacks=[TuneReportCallback()], verify_data=False)  # the sweep's driver verified it
+    class EpochsDone(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            first = {**metrics[0], "epochs_done": int(metrics[0]["epoch"]) + 1}
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return EpochsDone()
+
+
+def pending_placement_groups() -> list[dict[str, float]]:
+    """The resources of each placement group in the cluster still waiting to be placed."""
+    from ray.util import placement_group_table
+
+    pending = []
+    for group in placement_group_table().values():
+        if group["state"] in ("PENDING", "RESCHEDULING"):
+            total: dict[str, float] = {}
+            for bundle in group["bundles"].values():
+                for key, value in bundle.items():
+                    total[key] = total.get(key, 0.0) + value
+            pending.append(total)
+    return pending
 
 
 class Progress:
-    """A Tune callback logging trials running, finished, stopped early, and the best so far."""
+    """A Tune callback logging trials running, waiting for resources, finished, stopped early, and the
+    best so far; it notes when trials have waited ``timeout_s`` for resources while none progressed,
+    and :class:`ResourceTimeout` then ends the sweep.
 
-    def __new__(cls, metric: str, epochs: int):
+    A trial waits for resources when it runs (its own driver holds a sliver of CPU) but its
+    TorchTrainer's workers are not placed yet: Ray Train retries placing them until they fit, while
+    the autoscaler adds nodes.
+    """
+
+    def __new__(cls, metric: str, epochs: int, need: dict[str, float], timeout_s: float,
+                pending=pending_placement_groups, clock=time.monotonic):
         from ray import tune
 
         class _Progress(tune.Callback):
             def __init__(self):
                 self.best = None
-                self.last_log = 0.0
+                self.timed_out: str | None = None
+                self.last_log = self.last_check = 0.0
+                self.progressed = None  # when a trial last reported, or nothing was pending
+                self.reported: set[str] = set()
+                self.waiting: list[dict[str, float]] = []
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
+                self.progressed = clock()
+                self.reported.add(trial.trial_id)
                 value = result.get(metric)
                 if value is not None and (self.best is None or value > self.best[0]):
                     self.best = (value, trial.trial_id)
-                if time.monotonic() - self.last_log > 10:
+
+            def on_step_end(self, iteration, trials, **info):
+                now = clock()
+                if self.progressed is None:
+                    self.progressed = now
+                if now - self.last_check >= 2:
+                    self.last_check = now
+                    self.waiting = pending()
+                    if not self.waiting:
+                        self.progressed = now
+                    elif now - self.progressed > timeout_s:
+                        self.timed_out = (f"for {timeout_s:.0f} s no trial progressed while "
+                                          f"{self.describe_wait(trials)}; the cluster did not grow to fit them")
+                if now - self.last_log >= 15:
                     self.log(trials)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self.log(trials)
 
+            def describe_wait(self, trials) -> str:
+                import ray
+
+                waiting = [t for t in trials if t.status == "RUNNING" and t.trial_id not in self.reported]
+                free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+                return (f"{len(waiting)} trial(s) wait for resources ({need} each; "
+                        f"{len(self.waiting)} placement group(s) pending, e.g. {self.waiting[0]}; free now: {free})")
+
             def log(self, trials):
-                self.last_log = time.monotonic()
+                self.last_log = clock()
                 done = [t for t in trials if t.status == "TERMINATED"]
-                stopped = [t for t in done if (t.last_result or {}).get("training_iteration", 0) < epochs]
-                running = sum(t.status == "RUNNING" for t in trials)
+                stopped = [t for t in done if (t.last_result or {}).get("epochs_done", 0) < epochs]
+                running = [t for t in trials if t.status == "RUNNING"]
                 best = f"{self.best[0]:.2f} ({self.best[1]})" if self.best else "-"
-                log.info("trials: %d running, %d finished, %d stopped early, %d errored, %d pending; best epoch %s %s",
-                         running, len(done) - len(stopped), len(stopped), sum(t.status == "ERROR" for t in trials),
-                         sum(t.status == "PENDING" for t in trials), metric, best)
+                wait = ""
+                if self.waiting and any(t.trial_id not in self.reported for t in running):
+                    wait = f"; {self.describe_wait(trials)}"
+                log.info("trials: %d running, %d finished, %d stopped early, %d errored, %d pending; best epoch %s %s%s",
+                         len(running), len(done) - len(stopped), len(stopped), sum(t.status == "ERROR" for t in trials),
+                         sum(t.status == "PENDING" for t in trials), metric, best, wait)
 
         return _Progress()
+
+
+def resource_stopper(progress):
+    """A Tune stopper ending the whole sweep once ``progress`` saw trials wait too long for resources."""
+    from ray import tune
+
+    class _ResourceTimeout(tune.Stopper):
+        def __call__(self, trial_id, result):
+            return False
+
+        def stop_all(self):
+            return progress.timed_out is not None
+
+    return _ResourceTimeout()
+
+
+class ResourceTimeout(config_lib.ConfigError):
+    """Trials waited longer than ``tune.resource_timeout_s`` for resources that never came."""
+
+
+def check_timed_out(progress, what: str, timeout_option: str) -> None:
+    if progress.timed_out:
+        raise ResourceTimeout(f"{what}: {progress.timed_out}. Check that the cluster can hold one trial (node types, "
+                              f"max_workers, `ray status`), or wait longer ({timeout_option})")
 
 
 def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: str, name: str | None = None,
           resume: bool = False, max_concurrent: int | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep. Returns a summary with the best trial and the MLflow parent run."""
-    import ray
     from ray import tune
 
     base = with_validation_split(config_lib.with_method(base, {"name": space["method"]}))
@@ -138,7 +269,7 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
     run_lib.ensure_ray()
     storage = base["train"]["storage_path"]  # a local path (made absolute by config.load) or a URI
     stem = Path(space["file"]).stem
-    name = name or (latest_sweep(storage, f"tune-{stem}-") if resume else None) or f"tune-{stem}-{uuid.uuid4().hex[:8]}"
+    name = name or (latest_sweep(storage, f"tune-{stem}-") if resume else None) or new_sweep_name(f"tune-{stem}")
     sweep_dir = f"{storage.rstrip('/')}/{name}"
     if resume and not tune.Tuner.can_restore(sweep_dir):
         raise config_lib.ConfigError(f"no sweep to resume at {sweep_dir}")
@@ -156,39 +287,85 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
     with tracking.tracked_run(uri, base["mlflow"]["experiment"], name, params if not state else {}, tags,
                               resume_run_id=state.get("parent_run_id")) as parent_run_id:
         write_text(f"{sweep_dir}/{SWEEP_FILE}", json.dumps({"parent_run_id": parent_run_id}))
-        trainable = functools.partial(trial, base=base, teacher=teacher, parent_run_id=parent_run_id)
+        trainable = functools.partial(trial, base=base, teacher=teacher, parent_run_id=parent_run_id,
+                                      sweep_dir=sweep_dir)
         trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
+        trials = search_space.trial_count(space["parameters"], samples)
+        concurrent = concurrency(base, trials, max_concurrent, fixed_cluster())
+        progress = Progress(metric, epochs, trial_resources(base), base["tune"]["resource_timeout_s"])
         try:
-            results = run_tuner(trainable, space, samples, scheduler, name, storage, resume, sweep_dir,
-                                concurrency(base, ray.cluster_resources(), samples, max_concurrent), metric, epochs,
-                                (uri, base["mlflow"]["experiment"], parent_run_id))
+            if resume:
+                tuner = restore(sweep_dir, trainable, base, progress)
+            else:
+                sched = make_scheduler(scheduler, base, (uri, base["mlflow"]["experiment"], parent_run_id))
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=search_space.to_tune(space["parameters"]),
+                    tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=samples, scheduler=sched,
+                                                max_concurrent_trials=concurrent),
+                    run_config=run_config(base, name, storage, progress),
+                )
+            log.info("sweep %s: %d trial(s), %s, up to %d at once", name, trials, scheduler, concurrent)
+            results = tuner.fit()
+            check_timed_out(progress, f"sweep {name}", "tune.resource_timeout_s=SECONDS or "
+                            "--resource-timeout SECONDS")
         finally:
             close_trial_runs(uri, base["mlflow"]["experiment"], parent_run_id, epochs)
         return summarize(results, base, space, uri, parent_run_id, name)
 
 
-def run_tuner(trainable, space, samples, scheduler, name, storage, resume, sweep_dir, max_concurrent, metric,
-              epochs, mlflow_parent):
+def new_sweep_name(prefix: str) -> str:
+    """``prefix``, the UTC time (sortable: ``--resume`` finds the latest by name, also on S3, whose
+    prefixes have no modification time) and a short random id."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:4]}"
+
+
+def run_config(base: dict[str, Any], name: str, storage: str, progress):
+    """Where the sweep lives, how a failed trial is retried, and when waiting for resources ends it."""
     from ray import tune
+
+    return tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[progress],
+                          stop=resource_stopper(progress),
+                          failure_config=tune.FailureConfig(max_failures=base["tune"]["max_failures"]))
+
+
+def restore(sweep_dir: str, trainable, base: dict[str, Any], progress):
+    """The interrupted sweep at ``sweep_dir``, its errored and unfinished trials to run again, with
+    this command's callbacks, stopper and retries (``Tuner.restore`` takes no RunConfig and would run
+    the pickled ones, clocks included)."""
+    from ray import tune
+
+    tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
+    fresh = run_config(base, "", sweep_dir, progress)
+    restored = tuner._local_tuner.get_run_config()
+    restored.callbacks, restored.stop, restored.failure_config = fresh.callbacks, fresh.stop, fresh.failure_config
+    return tuner
+
+
+def make_scheduler(scheduler: str, base: dict[str, Any], mlflow_parent: tuple[str, str, str]):
     from ray.tune.schedulers import FIFOScheduler
 
-    if resume:
-        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
-    else:
-        # stop_last_trials=False: a trial reaching max_t must finish its own run (final metrics, model).
-        sched = (make_asha(mlflow_parent, time_attr="training_iteration", max_t=epochs,
-                           grace_period=max(1, epochs // 4), reduction_factor=2, stop_last_trials=False)
-                 if scheduler == "asha" else FIFOScheduler())
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space.to_tune(space["parameters"]),
-            tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=sched, num_samples=samples,
-                                        max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[Progress(metric, epochs)],
-                                      verbose=0),
-        )
-    log.info("sweep %s: %d sample(s), %s, up to %d trial(s) at once", name, samples, scheduler, max_concurrent)
-    return tuner.fit()
+    if scheduler != "asha":
+        return FIFOScheduler()
+    epochs = base["optim"]["epochs"]
+    # stop_last_trials=False: a trial reaching max_t must finish its own run (final metrics, model).
+    return make_asha(mlflow_parent, time_attr="epochs_done", max_t=epochs, grace_period=grace_period(base),
+                     reduction_factor=base["tune"]["reduction_factor"], stop_last_trials=False)
+
+
+def grace_period(config: dict[str, Any]) -> int:
+    """ASHA's first rung, in epochs: ``tune.grace_period``, else the first epoch after the first
+    learning-rate drop (multistep), or half way through the cosine decay: accuracy at the high starting
+    rate says little about where a trial ends after the drop."""
+    optim = config["optim"]
+    if config["tune"]["grace_period"]:
+        return config["tune"]["grace_period"]
+    epochs, warmup = optim["epochs"], optim["warmup_epochs"]
+    if optim["schedule"] == "cosine":
+        return max(1, warmup + (epochs - warmup) // 2)
+    if optim["milestones"]:
+        return min(epochs, optim["milestones"][0] + 1)
+    return max(1, epochs // 4)  # a constant learning rate: nothing to wait for
 
 
 def filesystem(path: str):
@@ -216,13 +393,21 @@ def write_text(path: str, text: str) -> None:
         f.write(text.encode())
 
 
+STAMP = re.compile(r"-(\d{8}-\d{6})-[0-9a-f]{4}$")  # new_sweep_name's UTC time
+
+
 def latest_sweep(storage: str, prefix: str) -> str | None:
+    """The newest sweep folder named ``prefix...``: by the UTC time in its name, since S3 prefixes have no
+    modification time; a folder named before names carried the time comes earlier, by its mtime."""
     import pyarrow.fs
 
     fs, inner = filesystem(storage)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
-    candidates = sorted((i for i in infos if i.base_name.startswith(prefix)), key=lambda i: i.mtime or 0)
-    return candidates[-1].base_name if candidates else None
+    candidates = [i for i in infos if i.base_name.startswith(prefix) and i.type == pyarrow.fs.FileType.Directory]
+    if not candidates:
+        return None
+    stamp = STAMP.search
+    return max(candidates, key=lambda i: ((m := stamp(i.base_name)) and m.group(1) or "", i.mtime_ns or 0)).base_name
 
 
 def trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str):
@@ -245,7 +430,7 @@ def make_asha(mlflow_parent: tuple[str, str, str], **kwargs):
                 c, run = trial_run(*mlflow_parent, trial.trial_id)
                 if run is not None:
                     c.set_tag(run.info.run_id, "stopped_by_scheduler",
-                              f"asha, after {result.get('training_iteration')} epochs")
+                              f"asha, after {result.get('epochs_done')} epochs")
             return action
 
     return MarkingASHA(**kwargs)
@@ -298,22 +483,37 @@ def summarize(results, base, space, uri, parent_run_id, name) -> dict[str, Any]:
     plot = plot_trials(frame, list(space["parameters"]), SELECTED_VAL, out_dir / "accuracy_vs_hyperparameters.png")
     for path in (table, recipe, plot):
         mlflow.log_artifact(str(path))
+    table_at, recipe_at, plot_at = publish(out_dir, storage, name, [table, recipe, plot])
     best_value, best_test = float(best.metrics[SELECTED_VAL]), float(best.metrics[SELECTED_TEST])
     tracking.log_metrics(uri, parent_run_id, {"best/val_top1": best_value, "best/test_top1_selected": best_test,
                                               "trials": float(len(frame))}, step=0)
     tracking.set_tags(uri, parent_run_id, {"best_trial": best.metrics.get("trial_id", ""),
                                            **{f"best.{k}": v for k, v in best_params.items()}})
     return {"name": name, "parent_run_id": parent_run_id, "trials": len(frame), "best_params": best_params,
-            "best_value": best_value, "best_test": best_test, "best_recipe": str(recipe), "table": str(table),
-            "plot": str(plot)}
+            "best_value": best_value, "best_test": best_test, "best_recipe": str(recipe), "table": table_at,
+            "plot": plot_at, "stored_recipe": recipe_at}
 
 
 def results_dir(storage: str, name: str) -> Path:
     """Where a sweep or study writes its tables and plots: beside its Tune state when storage is local;
-    for a URI, a temporary folder whose files MLflow keeps."""
+    for a URI, a local folder that :func:`publish` copies there."""
     out_dir = Path(storage) / name if "://" not in storage else Path(tempfile.mkdtemp(prefix=f"{name}-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
+
+
+def publish(out_dir: Path, storage: str, name: str, files: list[Path]) -> list[str]:
+    """The sweep's result files in its folder on ``storage`` (copied there when it is a URI, such as
+    s3://); returns where each one is."""
+    if "://" not in storage:
+        return [str(f) for f in files]
+    import pyarrow.fs
+
+    fs, inner = filesystem(f"{storage.rstrip('/')}/{name}")
+    local = pyarrow.fs.LocalFileSystem()
+    for f in files:
+        pyarrow.fs.copy_files(str(f), f"{inner}/{f.name}", source_filesystem=local, destination_filesystem=fs)
+    return [f"{storage.rstrip('/')}/{name}/{f.name}" for f in files]
 
 
 def plot_trials(frame, keys: list[str], metric: str, path: Path) -> Path:
@@ -344,11 +544,13 @@ def plot_trials(frame, keys: list[str], metric: str, path: Path) -> Path:
 def run_cli(args: argparse.Namespace) -> int:
     space = search_space.load_space(args.space)
     # The space's method replaces the recipe's: hyperparameters follow the method (config.load).
-    base = config_lib.load(args.recipe, [f"method.name={space['method']}", *args.overrides])
+    options = [f"tune.resource_timeout_s={args.resource_timeout}"] if args.resource_timeout else []
+    base = config_lib.load(args.recipe, [f"method.name={space['method']}", *options, *args.overrides])
     summary = sweep(base, space, args.samples, args.scheduler, args.name, args.resume, args.max_concurrent)
     print(f"sweep {summary['name']}: {summary['trials']} trials; best validation top-1 {summary['best_value']:.2f} "
           f"(test top-1 at its selected epoch {summary['best_test']:.2f}) with {summary['best_params']}")
     print(f"MLflow parent run: {summary['parent_run_id']}")
-    print(f"best recipe: {summary['best_recipe']}  (run it: stkd distill --recipe {summary['best_recipe']})")
+    print(f"best recipe: {summary['best_recipe']}  (run it: stkd distill --recipe {summary['best_recipe']})"
+          + (f"; stored at {summary['stored_recipe']}" if summary["stored_recipe"] != summary["best_recipe"] else ""))
     print(f"trials table: {summary['table']}; plot: {summary['plot']}")
     return 0

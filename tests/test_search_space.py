@@ -63,3 +63,12 @@ def test_apply_sets_dotted_keys_and_validates(tiny_overrides):
     cfg = search_space.apply(base, {"method.temperature": 2.5, "optim.lr": 0.02})
     assert cfg["method"]["temperature"] == 2.5 and cfg["optim"]["lr"] == 0.02
     assert base["method"]["temperature"] == 4.0  # the base is not modified
+
+
+def test_trial_count_multiplies_the_grid_points_by_the_samples():
+    grid = {"optim.lr": {"distribution": "grid", "values": [0.01, 0.05, 0.1]},
+            "method.mixup_alpha": {"distribution": "grid", "values": [0.2, 1.0]},
+            "method.temperature": {"distribution": "uniform", "low": 1.0, "high": 8.0}}
+    assert search_space.trial_count(grid, samples=2) == 12
+    assert search_space.trial_count({"optim.lr": grid["optim.lr"]}, samples=1) == 3
+    assert search_space.trial_count({"method.temperature": grid["method.temperature"]}, samples=4) == 4

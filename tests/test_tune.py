@@ -94,11 +94,105 @@ def test_resume_repeats_no_finished_trial(sweep_result, mlflow_uri):
     assert len(runs) == 4, "no trial ran again"
 
 
-def test_concurrency_fits_the_cluster():
-    cfg = {"train": {"workers": 2, "cpus_per_worker": 0.5, "use_gpu": False, "gpus_per_worker": 1}}
-    assert tune.concurrency(cfg, {"CPU": 2.0}, samples=4, cap=None) == 1
-    assert tune.concurrency(cfg, {"CPU": 8.0}, samples=4, cap=None) == 4
-    gpu = {"train": {"workers": 1, "cpus_per_worker": 1, "use_gpu": True, "gpus_per_worker": 0.25}}
-    assert tune.concurrency(gpu, {"CPU": 16.0, "GPU": 1.0}, samples=8, cap=None) == 4
-    with pytest.raises(config.ConfigError, match="one trial needs"):
-        tune.concurrency(cfg, {"CPU": 0.5}, samples=1, cap=None)
+def tiny(tiny_overrides, *more):
+    return config.load("test_tiny", list(tiny_overrides) + list(more))
+
+
+def test_concurrency_comes_from_the_options_never_from_the_nodes_up(tiny_overrides):
+    cfg = tiny(tiny_overrides, "train.workers=2", "train.cpus_per_worker=0.5")
+    assert tune.concurrency(cfg, samples=8) == 8, "every trial: the autoscaler adds nodes for those waiting"
+    assert tune.concurrency(cfg, samples=8, cap=3) == 3
+    assert tune.concurrency(config.merge(cfg, {"tune": {"max_concurrent": 2}}), samples=8) == 2
+    gpu = tiny(tiny_overrides, "train.use_gpu=true", "train.workers=1", "train.gpus_per_worker=0.25")
+    assert tune.concurrency(gpu, samples=8) == 8, "no GPU up at launch is no reason to refuse a GPU sweep"
+    # A Ray this process started cannot grow: what it has bounds the sweep.
+    assert tune.concurrency(cfg, samples=4, cluster={"CPU": 2.0}) == 1
+    assert tune.concurrency(cfg, samples=4, cluster={"CPU": 8.0}) == 4
+    assert tune.concurrency(gpu, samples=8, cluster={"CPU": 16.0, "GPU": 1.0}) == 4
+    with pytest.raises(config.ConfigError, match="one trial needs .* cannot grow"):
+        tune.concurrency(cfg, samples=1, cluster={"CPU": 0.5})
+
+
+@pytest.mark.parametrize("workers,share,ok", [(2, 0.5, False), (4, 0.25, False), (1, 0.25, True), (2, 1, True)])
+def test_two_ranks_never_share_a_gpu(tiny_overrides, workers, share, ok):
+    overrides = ["train.use_gpu=true", f"train.workers={workers}", f"train.gpus_per_worker={share}"]
+    if ok:
+        assert tiny(tiny_overrides, *overrides)["train"]["gpus_per_worker"] == share
+    else:
+        with pytest.raises(config.ConfigError, match="two ranks of one run on one GPU, which NCCL refuses"):
+            tiny(tiny_overrides, *overrides)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("tune.max_concurrent=0", "tune.max_concurrent: must be >= 1"),
+    ("tune.resource_timeout_s=0", "tune.resource_timeout_s: must be > 0"),
+    ("tune.reduction_factor=1", "tune.reduction_factor"),
+    ("tune.grace_period=9", "tune.grace_period: ASHA's first rung must be within the 2 epochs"),
+])
+def test_tune_options_are_checked(tiny_overrides, override, needle):
+    with pytest.raises(config.ConfigError, match=needle):
+        tiny(tiny_overrides, "optim.epochs=2", override)
+
+
+def test_asha_first_rung_follows_the_schedule(tiny_overrides):
+    standard = tiny(tiny_overrides, "optim.epochs=240", "optim.schedule=multistep",
+                    "optim.milestones=[150, 180, 210]")
+    assert tune.grace_period(standard) == 151, "the first epoch trained after the first learning-rate drop"
+    cosine = tiny(tiny_overrides, "optim.epochs=100", "optim.schedule=cosine", "optim.warmup_epochs=10")
+    assert tune.grace_period(cosine) == 55, "half way through the decay"
+    assert tune.grace_period(config.merge(standard, {"tune": {"grace_period": 30}})) == 30
+    constant = tiny(tiny_overrides, "optim.epochs=40", "optim.schedule=multistep", "optim.milestones=[]")
+    assert tune.grace_period(constant) == 10
+    asha = tune.make_scheduler("asha", standard, ("sqlite://", "x", "parent"))
+    assert asha._time_attr == "epochs_done" and asha._max_t == 240
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [151], "no rung before the first drop"
+
+
+def test_latest_sweep_by_the_time_in_its_name(tmp_path):
+    import os
+
+    for name, mtime in (("tune-demo-old1", 300), ("tune-demo-20261125-101500-aaaa", 100),
+                        ("tune-demo-20261124-235959-bbbb", 200), ("tune-other-20261126-000000-cccc", 50)):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (mtime, mtime))
+    (tmp_path / "tune-demo-20261130-000000-dddd.txt").write_text("a file, not a sweep")
+    assert tune.latest_sweep(str(tmp_path), "tune-demo-") == "tune-demo-20261125-101500-aaaa"
+    assert tune.STAMP.search(tune.new_sweep_name("tune-demo"))
+    assert tune.latest_sweep(str(tmp_path / "none"), "tune-demo-") is None
+
+
+class FakeTrial:
+    def __init__(self, trial_id, status="RUNNING"):
+        self.trial_id, self.status, self.last_result = trial_id, status, {}
+
+
+def test_waiting_for_resources_is_shown_and_ends_the_sweep(ray_session, caplog):
+    now = [0.0]
+    pending = [[{"CPU": 2.0}]]
+    progress = tune.Progress("val/top1", 2, {"CPU": 2.0}, timeout_s=60, pending=lambda: pending[0],
+                             clock=lambda: now[0])
+    stopper = tune.resource_stopper(progress)
+    trials = [FakeTrial("t1"), FakeTrial("t2", "PENDING")]
+    caplog.set_level("INFO", logger="pipeline.tune")
+    for t in range(0, 50, 5):
+        now[0] = t
+        progress.on_step_end(0, trials)
+    assert not stopper.stop_all()
+    assert "1 trial(s) wait for resources ({'CPU': 2.0} each; 1 placement group(s) pending" in caplog.text
+    progress.on_trial_result(0, trials, trials[0], {"val/top1": 50.0})  # a trial progressed: the clock restarts
+    for t in range(50, 105, 5):
+        now[0] = t
+        progress.on_step_end(0, trials)
+    assert not stopper.stop_all()
+    for t in range(105, 125, 5):
+        now[0] = t
+        progress.on_step_end(0, trials)
+    assert stopper.stop_all() and "for 60 s no trial progressed" in progress.timed_out
+    with pytest.raises(tune.ResourceTimeout, match="sweep s: for 60 s no trial progressed.*--resource-timeout"):
+        tune.check_timed_out(progress, "sweep s", "--resource-timeout SECONDS")
+    pending[0] = []  # resources arrived: waiting is no failure
+    fresh = tune.Progress("val/top1", 2, {"CPU": 2.0}, timeout_s=60, pending=lambda: pending[0], clock=lambda: now[0])
+    for t in range(125, 400, 5):
+        now[0] = t
+        fresh.on_step_end(0, trials)
+    assert fresh.timed_out is None

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,11 @@ from typing import Any
 import pytest
 import yaml
 
+try:
+    from tests.ray_nodes import port_block
+except ImportError:  # tests/ on sys.path (pytest's default rootdir handling)
+    from ray_nodes import port_block
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "cluster" / "local"
 # The venv these tests run in: its bin holds `ray`, `mlflow` and `stkd`, and the cluster's nodes run from it.
@@ -29,26 +32,6 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Environment variables of the calling shell that must not leak into the scripts or the CLI calls.
 SCRUB = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
          "MLFLOW_TRACKING_URI", "STKD_CLUSTER_STATE", "STKD_LOCAL_CLUSTER", "STKD_LOCAL_MLFLOW")
-
-
-def _free(port: int) -> bool:
-    for host in ("127.0.0.1", "0.0.0.0"):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
-
-
-def pick_port_base(span: int = 320) -> int:
-    """A block of ``span`` free ports below the ephemeral range (where Ray's own random ports come from)."""
-    for _ in range(50):
-        base = random.randrange(20000, 32000 - span, 10)
-        if all(_free(p) for p in range(base, base + span)):
-            return base
-    raise RuntimeError("no block of free ports between 20000 and 32000")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -175,7 +158,7 @@ def local_cluster(request) -> LocalCluster:
 
     # Short path: Ray's unix sockets live under it.
     state = Path(tempfile.mkdtemp(prefix="stkd-e2e-", dir="/tmp"))
-    base = pick_port_base()  # base..base+2 here, base+10..base+309 for the nodes' internal ports
+    base = port_block(320)  # base..base+2 here, base+10..base+309 for the nodes' internal ports
     gcs, dashboard, mlflow_port = base, base + 1, base + 2
     script_env = clean_env(STKD_VENV_BIN=str(VENV_BIN), STKD_STOP_GRACE_S="20")
     failures_before = request.session.testsfailed

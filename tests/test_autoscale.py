@@ -1,0 +1,60 @@
+"""A sweep started on a cluster too small for one trial waits for a node, says what it waits for, and
+runs its trials once a node joins (`ray start --address`), as an autoscaler would add one."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import mlflow
+import pytest
+
+try:
+    from tests.ray_nodes import VENV_BIN, Cluster
+except ImportError:  # tests/ on sys.path (pytest's default rootdir handling)
+    from ray_nodes import VENV_BIN, Cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+SPACE = "method: ce\nparameters:\n  optim.lr: {distribution: grid, values: [0.05, 0.1]}\n"
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_sweep_waits_for_a_node_and_runs_when_it_joins(digits, tmp_path):
+    (tmp_path / "space.yaml").write_text(SPACE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cluster = Cluster(head_cpus=1, folder=tmp_path)  # a trial's worker needs 2 CPUs: nothing fits
+    log = tmp_path / "sweep.log"
+    driver = None
+    try:
+        with open(log, "w") as out:
+            driver = subprocess.Popen(
+                [str(VENV_BIN / "stkd"), "tune", "--recipe", "test_tiny", "--space", str(tmp_path / "space.yaml"),
+                 "--samples", "1", "--scheduler", "fifo", "--name", "autoscale", f"data.path={digits}",
+                 f"train.storage_path={tmp_path / 'runs'}", "train.workers=1", "train.cpus_per_worker=2",
+                 "optim.epochs=1"],
+                env=cluster.client_env(MLFLOW_TRACKING_URI=uri), stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: "wait for resources ({'CPU': 2.0} each" in log.read_text() or driver.poll() is not None,
+                 240, "the progress line to say what the trials wait for")
+        assert driver.poll() is None, log.read_text()
+        assert "trials: 2 running, 0 finished" in log.read_text(), "both trials run, their workers wait: no cap"
+
+        cluster.join(cpus=4)
+        assert driver.wait(timeout=240) == 0, log.read_text()
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        cluster.stop()
+    text = log.read_text()
+    assert "sweep autoscale: 2 trials; best validation top-1" in text, text
+    c = mlflow.MlflowClient(tracking_uri=uri)
+    runs = [r for r in c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id]) if "trial_id" in r.data.tags]
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
