@@ -29,6 +29,9 @@ ACCURACY_TAG = "test_top1"  # on each registered version: its test top-1 (%), wh
 REGISTERED = re.compile(r"(?:models:/)?([\w.\-]+)(?:/(\d+)|@([\w\-]+))?")
 
 
+LOGGED_MODEL = re.compile(r"models:/m-[0-9a-f]{32}")
+
+
 def resolve_uri(source: str, client=None) -> str:
     """A registered name as a ``models:/name/<version>`` URI; other URIs and paths unchanged.
 
@@ -38,6 +41,8 @@ def resolve_uri(source: str, client=None) -> str:
     later moves.
     """
     if source.startswith(URI_SCHEMES) and not source.startswith("models:/") or source.startswith((".", "~", "/")):
+        return source
+    if LOGGED_MODEL.fullmatch(source):  # MLflow 3's logged model (models:/m-<id>): one model, no registry
         return source
     match = REGISTERED.fullmatch(source)
     if match is None:

@@ -90,3 +90,8 @@ def test_a_registered_teacher_run_records_its_accuracy_and_becomes_champion(teac
     assert version.run_id == teacher_run.run_id
     champion = client.get_model_version_by_alias("teacher-test-digits", teacher_store.CHAMPION)
     assert float(champion.tags[teacher_store.ACCURACY_TAG]) >= teacher_run.selected_top1
+
+
+def test_a_logged_model_uri_is_not_taken_for_a_registered_name():
+    uri = "models:/m-0fecd43aa41f4a0a848bf0ae3d06790e"
+    assert teacher_store.resolve_uri(uri) == uri
