@@ -44,8 +44,11 @@ def port_block(span: int = 120) -> int:
 
 
 def env(**extra: str) -> dict[str, str]:
-    """This machine's environment for a throw-away local Ray: no auth (loopback only), no usage stats."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "STKD_LOCAL"))}
+    """This machine's environment for a throw-away local Ray: no auth (loopback only), no usage stats.
+    Without the session's MLFLOW_TRACKING_URI: a node would hand it to every worker, where it beats the
+    tracking store that the job's own driver names."""
+    out = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "STKD_LOCAL")) and k != "MLFLOW_TRACKING_URI"}
     out.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PATH=f"{VENV_BIN}{os.pathsep}{out['PATH']}")
     out.update(extra)
     return out

@@ -67,16 +67,17 @@ def stkd(args: list[str], server: Server, ray_session, log: Path) -> subprocess.
 
 
 def wait_for_text(job: subprocess.Popen, log: Path, text: str, timeout: float = 120) -> None:
+    """Until ``text`` (a regular expression) appears in the job's output."""
     deadline = time.monotonic() + timeout
-    while text not in log.read_text():
+    while not re.search(text, log.read_text()):
         assert job.poll() is None, f"job ended early:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"no {text!r} in {timeout} s:\n{log.read_text()[-3000:]}"
         time.sleep(0.2)
 
 
 def wait_for_epoch(job: subprocess.Popen, log: Path, epoch: int, epochs: int) -> None:
-    """Wait until the job's rank 0 has printed ``epoch N/M`` (1-based)."""
-    wait_for_text(job, log, f"epoch {epoch}/{epochs} ")
+    """Wait until the driver has printed epoch N (1-based) of M."""
+    wait_for_text(job, log, rf"epoch +{epoch}/{epochs} ")
 
 
 def run_of(uri: str, experiment: str):
