@@ -26,6 +26,22 @@ def mlflow_uri(session_dir) -> str:
         os.environ["MLFLOW_TRACKING_URI"] = old
 
 
+@pytest.fixture(autouse=True)
+def keep_tracking_uri():
+    """``mlflow.set_tracking_uri`` (which ``tracking.client`` calls) also sets MLFLOW_TRACKING_URI: a test
+    that uses a store of its own must not leave it to the tests after it, whose runs would go there."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            import mlflow
+
+            mlflow.set_tracking_uri(before)
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One throw-away local Ray for the session. More logical CPUs than cores, so a trial's driver,
