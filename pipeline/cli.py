@@ -39,7 +39,11 @@ def quiet_console() -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     # Said once in the README (the logged model is a pickle: load it from a store you trust); not every run.
-    logging.getLogger("mlflow.pytorch").addFilter(lambda record: "Pickle or CloudPickle" not in record.getMessage())
+    logging.getLogger("mlflow.pytorch").addFilter(no_pickle_warning)  # the same filter is added once
+
+
+def no_pickle_warning(record: logging.LogRecord) -> bool:
+    return "Pickle or CloudPickle" not in record.getMessage()
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
