@@ -29,7 +29,12 @@ QUIET_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per copied file when a model is logged
     # Lines the driver does not print (Ray's log files keep them): each worker's report, logged by a
     # Ray Train module whose logger name escapes ray.train.LoggingConfig's level.
-    "RAY_DEDUP_LOGS_SKIP_REGEX": r"Reporting training result \d+: TrainingReport",
+    # Ray Train's placement-group cleaner, at every run's end, says it cleans up after a finished run.
+    "RAY_DEDUP_LOGS_SKIP_REGEX": r"Reporting training result \d+: TrainingReport"
+                                 r"|Detected that the Ray Train controller actor \(\w+\) is dead",
+    # Tune's output engine prints an experiment box and a TensorBoard hint even at verbose=0; the legacy
+    # one is silent there, and the sweep's own progress (pipeline.sweep_progress) is the console.
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 
@@ -38,12 +43,6 @@ def quiet_console() -> None:
     Must run before ray or mlflow is imported."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    # Said once in the README (the logged model is a pickle: load it from a store you trust); not every run.
-    logging.getLogger("mlflow.pytorch").addFilter(no_pickle_warning)  # the same filter is added once
-
-
-def no_pickle_warning(record: logging.LogRecord) -> bool:
-    return "Pickle or CloudPickle" not in record.getMessage()
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 
-from pipeline import config as config_lib, run as run_lib, tracking, tune
+from pipeline import config as config_lib, run as run_lib, sweep_progress, tracking, tune
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
                                       parent_run_id=parent_run_id, study_dir=study_dir)
         trainable = ray_tune.with_resources(trainable, {"CPU": tune.TRIAL_CPU})
         concurrent = tune.concurrency(first, len(cells), max_concurrent, tune.fixed_cluster())
-        progress = tune.Progress("selected/val_top1", epochs, tune.trial_resources(first),
-                                 first["tune"]["resource_timeout_s"])
+        progress = sweep_progress.Progress("selected/val_top1", epochs, tune.trial_resources(first),
+                                           first["tune"]["resource_timeout_s"])
         try:
             if resume:
                 tuner = tune.restore(study_dir, trainable, first, progress)
@@ -185,7 +185,7 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
             log.info("study %s: %d runs (%d pair(s) x %d method(s) x %d seed(s)), up to %d at once", name, len(cells),
                      len(study["pairs"]), len(study["methods"]), len(study["seeds"]), concurrent)
             results = tuner.fit()
-            tune.check_timed_out(progress, f"study {name}", "--resource-timeout SECONDS")
+            sweep_progress.check_timed_out(progress, f"study {name}", "--resource-timeout SECONDS")
         finally:
             tune.close_trial_runs(uri, experiment, parent_run_id, epochs)
         return summarize(study, results, teachers, name, parent_run_id, uri, storage)

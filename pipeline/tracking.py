@@ -184,6 +184,10 @@ def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
     client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def no_pickle_warning(record: logging.LogRecord) -> bool:
+    return "Pickle or CloudPickle" not in record.getMessage()
+
+
 def log_model(weights: dict[str, Any], image_shape: list[int] | tuple[int, ...], register_as: str | None):
     """Log a zoo model to the active run as an MLflow PyTorch model, with our weights file beside it
     (``checkpoint.save`` format: ``model`` spec and ``student`` state dict), and register it.
@@ -202,6 +206,9 @@ def log_model(weights: dict[str, Any], image_shape: list[int] | tuple[int, ...],
     import stkd
     from pipeline import checkpoint
 
+    if os.environ.get("STKD_VERBOSE") != "1":  # also in a sweep's trial processes, which run no CLI
+        # Said once in the README (the logged model is a pickle: load it from a store you trust), not every run.
+        logging.getLogger("mlflow.pytorch").addFilter(no_pickle_warning)  # the same filter is added once
     spec = weights["model"]
     model = checkpoint.build_model(spec)
     model.load_state_dict(weights["student"])

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from pipeline import config as config_lib, run as run_lib, search_space, tracking
+from pipeline.sweep_progress import Progress, check_timed_out, resource_stopper
 
 log = logging.getLogger(__name__)
 
@@ -144,117 +145,6 @@ def epochs_done_callback():
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     return EpochsDone()
-
-
-def pending_placement_groups() -> list[dict[str, float]]:
-    """The resources of each placement group in the cluster still waiting to be placed."""
-    from ray.util import placement_group_table
-
-    pending = []
-    for group in placement_group_table().values():
-        if group["state"] in ("PENDING", "RESCHEDULING"):
-            total: dict[str, float] = {}
-            for bundle in group["bundles"].values():
-                for key, value in bundle.items():
-                    total[key] = total.get(key, 0.0) + value
-            pending.append(total)
-    return pending
-
-
-class Progress:
-    """A Tune callback logging trials running, waiting for resources, finished, stopped early, and the
-    best so far; it notes when trials have waited ``timeout_s`` for resources while none progressed,
-    and :class:`ResourceTimeout` then ends the sweep.
-
-    A trial waits for resources when it runs (its own driver holds a sliver of CPU) but its
-    TorchTrainer's workers are not placed yet: Ray Train retries placing them until they fit, while
-    the autoscaler adds nodes.
-    """
-
-    def __new__(cls, metric: str, epochs: int, need: dict[str, float], timeout_s: float,
-                pending=pending_placement_groups, clock=time.monotonic):
-        from ray import tune
-
-        class _Progress(tune.Callback):
-            def __init__(self):
-                self.best = None
-                self.timed_out: str | None = None
-                self.last_log = self.last_check = 0.0
-                self.progressed = None  # when a trial last reported, or nothing was pending
-                self.reported: set[str] = set()
-                self.waiting: list[dict[str, float]] = []
-
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                self.progressed = clock()
-                self.reported.add(trial.trial_id)
-                value = result.get(metric)
-                if value is not None and (self.best is None or value > self.best[0]):
-                    self.best = (value, trial.trial_id)
-
-            def on_step_end(self, iteration, trials, **info):
-                now = clock()
-                if self.progressed is None:
-                    self.progressed = now
-                if now - self.last_check >= 2:
-                    self.last_check = now
-                    self.waiting = pending()
-                    if not self.waiting:
-                        self.progressed = now
-                    elif now - self.progressed > timeout_s:
-                        self.timed_out = (f"for {timeout_s:.0f} s no trial progressed while "
-                                          f"{self.describe_wait(trials)}; the cluster did not grow to fit them")
-                if now - self.last_log >= 15:
-                    self.log(trials)
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.log(trials)
-
-            def describe_wait(self, trials) -> str:
-                import ray
-
-                waiting = [t for t in trials if t.status == "RUNNING" and t.trial_id not in self.reported]
-                free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-                return (f"{len(waiting)} trial(s) wait for resources ({need} each; "
-                        f"{len(self.waiting)} placement group(s) pending, e.g. {self.waiting[0]}; free now: {free})")
-
-            def log(self, trials):
-                self.last_log = clock()
-                done = [t for t in trials if t.status == "TERMINATED"]
-                stopped = [t for t in done if (t.last_result or {}).get("epochs_done", 0) < epochs]
-                running = [t for t in trials if t.status == "RUNNING"]
-                best = f"{self.best[0]:.2f} ({self.best[1]})" if self.best else "-"
-                wait = ""
-                if self.waiting and any(t.trial_id not in self.reported for t in running):
-                    wait = f"; {self.describe_wait(trials)}"
-                log.info("trials: %d running, %d finished, %d stopped early, %d errored, %d pending; best epoch %s %s%s",
-                         len(running), len(done) - len(stopped), len(stopped), sum(t.status == "ERROR" for t in trials),
-                         sum(t.status == "PENDING" for t in trials), metric, best, wait)
-
-        return _Progress()
-
-
-def resource_stopper(progress):
-    """A Tune stopper ending the whole sweep once ``progress`` saw trials wait too long for resources."""
-    from ray import tune
-
-    class _ResourceTimeout(tune.Stopper):
-        def __call__(self, trial_id, result):
-            return False
-
-        def stop_all(self):
-            return progress.timed_out is not None
-
-    return _ResourceTimeout()
-
-
-class ResourceTimeout(config_lib.ConfigError):
-    """Trials waited longer than ``tune.resource_timeout_s`` for resources that never came."""
-
-
-def check_timed_out(progress, what: str, timeout_option: str) -> None:
-    if progress.timed_out:
-        raise ResourceTimeout(f"{what}: {progress.timed_out}. Check that the cluster can hold one trial (node types, "
-                              f"max_workers, `ray status`), or wait longer ({timeout_option})")
 
 
 def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: str, name: str | None = None,

@@ -32,9 +32,12 @@ def test_quiet_console_never_overrides_what_the_user_set(monkeypatch):
     assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"
 
 
-def test_the_skipped_lines_are_ray_trains_reports_only():
+def test_the_skipped_lines_are_ray_trains_reports_and_routine_cleanup_only():
     import re
 
     skip = re.compile(cli.QUIET_ENV["RAY_DEDUP_LOGS_SKIP_REGEX"])
     assert skip.search("(RayTrainWorker pid=1) Reporting training result 12: TrainingReport(checkpoint=None, ...")
+    assert skip.search("(PlacementGroupCleaner pid=2) Detected that the Ray Train controller actor "
+                       "(51405d7d323bc0dc208c5ec401000000) is dead. Cleaning up placement group = [...]")
     assert not skip.search("(RayTrainWorker pid=1) Traceback (most recent call last):")
+    assert not skip.search("(PlacementGroupCleaner pid=2) Failed to query Ray Train Controller actor state.")

@@ -1,7 +1,9 @@
-"""`stkd study` on digits: two methods x two seeds as parallel runs, the table, one teacher object, resume."""
+"""`stkd study` on digits: two methods as parallel runs, the table, one teacher object, resume; the table's
+mean and std over seeds."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import mlflow
@@ -43,29 +45,46 @@ def test_bad_specs_name_the_key(tmp_path, tiny_overrides, methods, seeds, needle
     assert needle in str(info.value)
 
 
+def test_the_table_gives_each_method_its_mean_and_std_over_seeds(tmp_path, tiny_overrides):
+    loaded = study.load_study(write_spec(tmp_path), tiny_overrides)
+    pair = study.pair_name(loaded["pairs"][0])
+    rows = [{"pair": pair, "method": method, "seed": seed, "test_top1_selected": selected,
+             "test_top1_last": selected - 1.0, "val_top1_selected": selected + 2.0}
+            for method, seed, selected in (("ce", 0, 60.0), ("ce", 1, 64.0), ("kd", 0, 70.0), ("kd", 1, 71.0))]
+    teacher = types.SimpleNamespace(spec={"name": "resnet8"}, accuracy=90.0)
+    table = study.aggregate(loaded, rows, {loaded["pairs"][0]: teacher})
+    by_method = {row["method"]: row for row in table}
+    assert [row["method"] for row in table] == ["teacher resnet8", "ce", "kd"]
+    assert by_method["ce"]["n"] == 2 and by_method["ce"]["selected"] == (62.0, pytest.approx(2 ** 1.5))
+    assert by_method["kd"]["last"] == (69.5, pytest.approx(0.5 ** 0.5))
+    assert by_method["kd"]["val"][0] == 72.5 and by_method["teacher resnet8"]["selected"] == (90.0, 0.0)
+    text = study.format_table(table)
+    assert f"| {pair} | kd | 2 | 70.50 ± 0.71 | 69.50 ± 0.71 | 72.50 ± 0.71 |" in text
+
+
 @pytest.mark.slow
 def test_study_runs_the_grid_writes_the_table_and_resumes(teacher_run, tiny_overrides, mlflow_uri, tmp_path,
                                                           monkeypatch):
     puts = []
     original = teacher_store.put
     monkeypatch.setattr(teacher_store, "put", lambda state: puts.append(1) or original(state))
-    loaded = study.load_study(write_spec(tmp_path), tiny_overrides)
+    loaded = study.load_study(write_spec(tmp_path, seeds="[1]"), tiny_overrides)
     summary = study.run_study(loaded)
     assert len(puts) == 1, "the pair's teacher was put into the object store once"
-    assert not summary["errors"] and len(summary["rows"]) == 4
-    assert sorted((r["method"], r["seed"]) for r in summary["rows"]) == [("ce", 0), ("ce", 1), ("kd", 0), ("kd", 1)]
+    assert not summary["errors"] and len(summary["rows"]) == 2
+    assert sorted((r["method"], r["seed"]) for r in summary["rows"]) == [("ce", 1), ("kd", 1)]
     table = {row["method"]: row for row in summary["table"]}
-    assert set(table) == {"teacher resnet8", "ce", "kd"} and table["kd"]["n"] == 2
+    assert set(table) == {"teacher resnet8", "ce", "kd"} and table["kd"]["n"] == 1
     kd_selected = [r["test_top1_selected"] for r in summary["rows"] if r["method"] == "kd"]
-    assert table["kd"]["selected"][0] == pytest.approx(sum(kd_selected) / 2)
-    assert "| pair | kd | 2 |" in summary["text"]
+    assert table["kd"]["selected"][0] == pytest.approx(kd_selected[0])
+    assert "| pair | kd | 1 |" in summary["text"]
 
     c = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     artifacts = {a.path for a in c.list_artifacts(summary["parent_run_id"])}
     assert {"study_table.md", "study_plot.png", "study_runs.csv", "study_summary.json"} <= artifacts
     children = c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id],
                              f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
-    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert {r.data.tags["variant"] for r in children} == {"ce", "kd"}
     assert all(int(r.data.tags["val_rows"]) > 0 for r in children)
 
@@ -73,6 +92,6 @@ def test_study_runs_the_grid_writes_the_table_and_resumes(teacher_run, tiny_over
     assert again["parent_run_id"] == summary["parent_run_id"]
     children = c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id],
                              f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
-    assert len(children) == 4, "no finished run ran again"
+    assert len(children) == 2, "no finished run ran again"
     assert sorted(r["test_top1_selected"] for r in again["rows"]) == sorted(
         r["test_top1_selected"] for r in summary["rows"])
