@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import pickle
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,33 +41,6 @@ class Imported:
     model_uri: str
 
 
-def torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``, its failures turned into a sentence about the file."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
-    try:
-        # RepDistiller's `<model>_last.pth` also holds its argparse options: plain data, safe to allow.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        needs = next((line.split("Unsupported global:")[1].split(" was not")[0].strip()
-                      for line in lines if "Unsupported global:" in line), None)
-        if needs:
-            raise CheckpointError(
-                f"{path} holds pickled Python code ({needs}), which torch.load(weights_only=True) refuses: loading "
-                "it would run code from the file. If you trust it, save only its weights where it was written "
-                "(torch.save(ckpt['model'], 'weights.pth')) and import that") from None
-        # The unpickler's own reason follows its "WeightsUnpickler error:" line.
-        reason = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line.endswith("WeightsUnpickler error:")),
-                      lines[-1] if lines else "unreadable")
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.load: {reason})") from None
-    except Exception as e:  # a parser fed an arbitrary file fails in arbitrary ways (KeyError, struct.error ...)
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.load: {type(e).__name__} {first_line})"
-                              ) from None
-
-
 def is_state_dict(value: Any) -> bool:
     return isinstance(value, dict) and bool(value) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
@@ -88,7 +60,7 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The weights in a checkpoint or plain state dict, and what the file says about them (epoch, accuracy)."""
     path = Path(path).expanduser()
-    loaded = torch_load(path)
+    loaded = checkpoint.safe_load(path)
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a checkpoint dict or a state dict")
     if is_state_dict(loaded):

@@ -229,7 +229,10 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint of this project"):
         checkpoint.load(bad)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(checkpoint.CheckpointError, match="cannot be loaded safely|can load safely"):
+    with pytest.raises(checkpoint.CheckpointError, match="junk.pt is not a PyTorch checkpoint \\(torch.load: "):
         checkpoint.load(tmp_path / "junk.pt")
+    (tmp_path / "notes.txt").write_text("a teacher.source pointing at the wrong file\n" * 40)
+    with pytest.raises(checkpoint.CheckpointError, match="notes.txt is not a PyTorch checkpoint \\(torch.load: "):
+        checkpoint.load(tmp_path / "notes.txt")
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path / "missing")
