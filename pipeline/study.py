@@ -149,7 +149,11 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
         raise StudyError(f"no study to resume at {study_dir}")
     teacher_configs = {pair: next(c for (p, _, _), c in configs.items() if p == pair and c["teacher"]["source"])
                        for pair in study["pairs"]}
-    infos = {pair: run_lib.dataset_info(cfg) for pair, cfg in teacher_configs.items()}  # refuses a bad split early
+    infos, checked = {}, set()
+    for pair, cfg in teacher_configs.items():  # refuses a bad split early
+        path = cfg["data"]["path"]
+        infos[pair] = run_lib.dataset_info(cfg, verify=path not in checked)  # checksums once per dataset, not per pair
+        checked.add(path)
     run_lib.ensure_ray()
     teachers, by_source = {}, {}
     for pair, cfg in teacher_configs.items():

@@ -33,6 +33,26 @@ def test_every_cell_resolves_before_anything_runs(tmp_path, tiny_overrides):
     assert kd["train"]["seed"] == 1 and kd["data"]["val_fraction"] == 0.1, "every run has a validation split"
 
 
+def test_a_dataset_shared_by_two_pairs_is_checksummed_once(tmp_path, tiny_overrides, monkeypatch):
+    spec = write_spec(tmp_path, methods="  kd: {name: kd}\n", seeds="[0]")
+    (tmp_path / "pair2.yaml").write_text((tmp_path / "pair.yaml").read_text().replace("test-study-pair", "pair-two"))
+    spec.write_text(spec.read_text().replace("pairs: [", f"pairs: [{tmp_path / 'pair2.yaml'}, "))
+    loaded = study.load_study(spec, tiny_overrides)
+    verified = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_before_ray():
+        raise Stop
+
+    monkeypatch.setattr(study.run_lib, "dataset_info", lambda config, verify=True: verified.append(verify) or {})
+    monkeypatch.setattr(study.run_lib, "ensure_ray", stop_before_ray)
+    with pytest.raises(Stop):
+        study.run_study(loaded)
+    assert verified == [True, False], "the second pair's dataset is the first one's: checksummed once"
+
+
 @pytest.mark.parametrize("methods,seeds,needle", [
     ("  kd+std: {name: kd}\n", "[0]", "label 'kd+std' may hold only"),
     ("  kd: {name: kd, mixup_alpha: 0.2}\n", "[0]", "methods.kd on pair"),
