@@ -55,6 +55,12 @@ def test_sweep_waits_for_a_node_and_runs_when_it_joins(digits, tmp_path):
         cluster.stop()
     text = log.read_text()
     assert "sweep autoscale: 2 trials; best validation top-1" in text, text
+    # The sweep's last table: both trials done, with their learning rates and epochs.
+    lines = text.splitlines()
+    header = max(i for i, line in enumerate(lines) if line.split()[:2] == ["trial", "status"])
+    assert lines[header].split() == ["trial", "status", "optim.lr", "epoch", "val/top1", "img/s"], text
+    rows = sorted(line.split()[1:4] for line in lines[header + 1:header + 3])
+    assert rows == [["done", "0.05", "1/1"], ["done", "0.1", "1/1"]], text
     c = mlflow.MlflowClient(tracking_uri=uri)
     runs = [r for r in c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id]) if "trial_id" in r.data.tags]
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
