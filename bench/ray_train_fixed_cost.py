@@ -4,10 +4,10 @@ What is left of a short run's time once this project's work is taken out (``run_
 "Ray Train start-up, reports, teardown") is measured here without any of it: no model, no data, no
 MLflow. Each ``fit`` is timed from the call to the train function's start (start-up: the controller
 actor, the placement group, the worker actors, the train context and the torch process group) and
-from there to ``fit``'s return (teardown). Ray Train's controller log splits the start-up further;
-its lines for the last run are copied into the results. One Ray instance, started here, as the demo
-starts it; the first ``fit`` pays for Ray's first imports in its worker processes, so it is reported
-but left out of the medians.
+from there to ``fit``'s return (teardown), with the 1-minute load average before and after each.
+Ray Train's controller log splits the start-up further; its lines for the last run are copied into
+the results. One Ray instance, started here, as the demo starts it; a first warm-up ``fit`` pays for
+Ray's first imports in its worker processes and is not counted.
 
     python bench/ray_train_fixed_cost.py [--repeats 4] [--workers 1 2]
 """
@@ -40,18 +40,22 @@ def one_fit(workers: int, storage: str, marker: Path) -> dict[str, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    load_before = os.getloadavg()[0]
     started = time.time()
     TorchTrainer(note_start, train_loop_config={"marker": str(marker)},
                  scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
                  run_config=RunConfig(storage_path=storage, name=f"noop-{workers}-{time.time_ns()}")).fit()
     ended = time.time()
     function_started = float(marker.read_text())
-    return {"fit_s": ended - started, "start_up_s": function_started - started, "teardown_s": ended - function_started}
+    return {"fit_s": ended - started, "start_up_s": function_started - started, "teardown_s": ended - function_started,
+            "load_average_1m_before": load_before, "load_average_1m_after": os.getloadavg()[0]}
 
 
 def controller_lines() -> list[str]:
-    """The worker-group start-up lines of the newest Ray Train controller log of this session."""
-    logs = sorted(Path("/tmp/ray/session_latest/logs/train").glob("ray-train-sys-controller-*.log"),
+    """The worker-group start-up lines of the newest Ray Train controller log of this Ray instance."""
+    from ray._private import worker
+
+    logs = sorted(Path(worker._global_node.get_logs_dir_path(), "train").glob("ray-train-sys-controller-*.log"),
                   key=lambda p: p.stat().st_mtime)
     lines = []
     for raw in logs[-1].read_text().splitlines() if logs else []:
@@ -81,7 +85,7 @@ def main() -> None:
         for workers in args.workers:
             fits = [one_fit(workers, folder, marker) for _ in range(args.repeats)]
             results[f"{workers}_workers"] = {
-                "fits": fits, **{f"median_{k}": statistics.median(f[k] for f in fits) for k in fits[0]}}
+                "fits": fits, **{f"median_{k}": statistics.median(f[k] for f in fits) for k in fits[0] if k.endswith("_s")}}
             print(f"{workers} worker(s): fit {results[f'{workers}_workers']['median_fit_s']:.1f} s median "
                   f"(start-up {results[f'{workers}_workers']['median_start_up_s']:.1f} s)", flush=True)
         lines = controller_lines()

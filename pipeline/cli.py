@@ -28,8 +28,8 @@ QUIET_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # read when mlflow is imported
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per copied file when a model is logged
     # Lines the driver does not print (Ray's log files keep them): each worker's report, logged by a
-    # Ray Train module whose logger name escapes ray.train.LoggingConfig's level.
-    # Ray Train's placement-group cleaner, at every run's end, says it cleans up after a finished run.
+    # Ray Train module whose logger name escapes ray.train.LoggingConfig's level; and the routine note of
+    # Ray Train's placement-group cleaner at every run's end.
     "RAY_DEDUP_LOGS_SKIP_REGEX": r"Reporting training result \d+: TrainingReport"
                                  r"|Detected that the Ray Train controller actor \(\w+\) is dead",
     # Tune's output engine prints an experiment box and a TensorBoard hint even at verbose=0; the legacy

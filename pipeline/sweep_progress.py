@@ -61,13 +61,13 @@ def trial_table(trials: list, metric: str, epochs: int, reported: set[str], limi
     params = sorted({key for t in trials for key in (t.config or {})})
     rows = []
     for t in trials:
-        result = t.last_result or {}
+        config, result = t.config or {}, t.last_result or {}
         status = trial_status(t, epochs, reported)
         value = result.get(metric)
         done = result.get("epochs_done")
         rows.append(((STATUS_ORDER.index(status) if status in STATUS_ORDER else len(STATUS_ORDER),
                       -value if value is not None else float("inf")),
-                     [t.trial_id, status, *(_cell((t.config or {}).get(p)) for p in params),
+                     [t.trial_id, status, *(_cell(config.get(p)) for p in params),
                       f"{done}/{epochs}" if done is not None else f"-/{epochs}", _cell(value),
                       _cell(round(result["images_per_s"])) if "images_per_s" in result else "-"]))
     rows.sort(key=lambda row: row[0])

@@ -38,8 +38,7 @@ def keep_tracking_uri():
         else:
             import mlflow
 
-            mlflow.set_tracking_uri(before)
-            os.environ["MLFLOW_TRACKING_URI"] = before
+            mlflow.set_tracking_uri(before)  # sets the variable too
 
 
 @pytest.fixture(scope="session")
