@@ -189,7 +189,8 @@ def test_server_that_never_returns_then_stkd_log_run(server, ray_session, digits
             job.kill()
     text = log.read_text()
     assert "the model is trained, but MLflow at" in text and "did not answer for 3 s" in text
-    assert re.search(r"the metrics of epochs \(steps\) [0-9]-3", text)
+    # The last epoch was not logged; how many before it depends on how fast the server went away.
+    assert re.search(r"the metrics of epochs \(steps\) (?:[0-9]-)?3\b", text)
     assert "recipe.yaml, learning_curve.png and the model (to be registered as outage-never)" in text
     assert "the status FINISHED" in text
     checkpoint_path = re.search(r"log it once the server answers: stkd log-run (\S+)", text).group(1)
