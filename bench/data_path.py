@@ -63,7 +63,7 @@ def main() -> None:
                                                             f"optim.batch_size={args.batch_size}"])
     info = run.dataset_info(config)
     device = torch.device("cpu")
-    step = Step.from_config(config, info, torch.Generator(device=device).manual_seed(0))
+    step = Step.from_config(config, info, torch.Generator(device=device).manual_seed(0), channels_last=False)
     dataset = PreparedDataset.open(data_path, verify=False)
     results: dict = {}
 

@@ -43,6 +43,7 @@ from pipeline.data_feed import InMemoryFeed
 from pipeline.train_loop import EpochSums, Step, train_batch
 from stkd import methods, models
 from stkd.losses import kd_loss, mixed_cross_entropy
+from stkd.precision import Precision
 
 PAIRS = [("resnet56", "resnet20"), ("resnet32x4", "resnet8x4")]
 STKD = {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "mixup_alpha": 1.0}
@@ -132,8 +133,7 @@ def project_loop(student, teacher, images, labels, device, batch_size, bf16, cha
     step_input = Step(MEAN, STD, 4, True, channels_last, augment)
     sums = EpochSums(method.term_names(), device)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    amp = Precision.create("bf16" if bf16 else "fp32", device.type)
 
     def epochs() -> Iterator:
         epoch = 0
@@ -145,7 +145,7 @@ def project_loop(student, teacher, images, labels, device, batch_size, bf16, cha
 
     def step() -> None:
         x, y = next(batches)
-        train_batch(method, optimizer, step_input, x, y, autocast, sums)
+        train_batch(method, optimizer, step_input, x, y, amp, sums)
 
     return step
 

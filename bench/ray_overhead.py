@@ -62,7 +62,7 @@ def plain_loop(config: dict, info: dict, threads: int) -> list[float]:
                                 generator=torch.Generator().manual_seed(seed * 7919))
         optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim_cfg["lr"],
                                     momentum=optim_cfg["momentum"], weight_decay=optim_cfg["weight_decay"])
-        step = Step.from_config(config, info, torch.Generator(device=device).manual_seed(seed * 104_729))
+        step = Step.from_config(config, info, torch.Generator(device=device).manual_seed(seed * 104_729), channels_last=False)
         feed = InMemoryFeed.from_split(PreparedDataset.open(info["path"], verify=False), "train", optim_cfg["batch_size"], 0, 1,
                             device, shuffle=True, seed=seed)
         rates = []

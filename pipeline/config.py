@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from pipeline import tracking
-from stkd import methods, models
+from stkd import methods, models, precision
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "use_gpu": False,
         "cpus_per_worker": 1.0,
         "gpus_per_worker": 1.0,
-        "bf16": "auto",
+        "precision": "auto",  # auto | bf16 | fp16 | fp32: see stkd.precision
         "channels_last": "auto",
         "compile": False,
         "sync_bn": "auto",
@@ -83,7 +83,6 @@ TYPES: dict[str, tuple[type, ...]] = {
     "data.path": (str,),
     "model.student": (str,),
     "teacher.source": (str, type(None)),
-    "train.bf16": (bool, str),
     "train.channels_last": (bool, str),
     "train.sync_bn": (bool, str),
     "train.run_name": (str, type(None)),
@@ -104,6 +103,12 @@ TYPES: dict[str, tuple[type, ...]] = {
 
 
 SCHEDULES = ("multistep", "cosine")
+
+# Keys an older recipe may still use: each is refused with the key that replaced it.
+RENAMED = {
+    "train.bf16": "train.precision (auto | bf16 | fp16 | fp32; auto picks by hardware: bf16 where the chip runs it "
+                  "natively, fp16 with loss scaling on older GPUs, fp32 otherwise)",
+}
 
 
 class ConfigError(ValueError):
@@ -296,6 +301,9 @@ def check_keys(config: Any, defaults: dict[str, Any], prefix: str, problems: lis
         dotted = prefix + key
         if prefix == "method.":
             continue  # method hyperparameters are checked against the method itself
+        if dotted in RENAMED:
+            problems.append(f"{dotted}: replaced by {RENAMED[dotted]}")
+            continue
         if key not in defaults:
             known = ", ".join(sorted(defaults))
             problems.append(f"{dotted}: unknown key (known here: {known})")
@@ -329,9 +337,10 @@ def check_values(config: dict[str, Any], problems: list[str]) -> None:
                         f"({train['workers']})")
     if not isinstance(optim["milestones"], list) or not all(isinstance(m, int) for m in optim["milestones"]):
         problems.append(f"optim.milestones: expected a list of epochs (integers), got {optim['milestones']!r}")
-    for key in ("bf16", "channels_last", "sync_bn"):
+    for key in ("channels_last", "sync_bn"):
         if isinstance(train[key], str) and train[key] != "auto":
             problems.append(f"train.{key}: expected true, false or 'auto', got {train[key]!r}")
+    check_precision(train, problems)
     if train["sync_bn"] is True and not train["use_gpu"]:
         problems.append("train.sync_bn: PyTorch's SyncBatchNorm runs on GPUs only; set train.use_gpu=true, or leave "
                         "train.sync_bn at 'auto' (on the CPU each worker's BatchNorm keeps its own statistics)")
@@ -360,6 +369,23 @@ def check_schedule(optim: dict[str, Any], problems: list[str]) -> None:
                             f"1..{epochs - 1}); scale them with optim.epochs or use optim.schedule=cosine")
         if milestones != sorted(milestones):
             problems.append(f"optim.milestones: must be increasing, got {milestones}")
+
+
+def check_precision(train: dict[str, Any], problems: list[str]) -> None:
+    """Refuse what the training device cannot run, before Ray starts. Without ``train.use_gpu`` the
+    workers train on CPUs like the driver's, so its CPU answers for bf16; a GPU's capability is known only
+    on its worker, which refuses there (``stkd.precision.resolve_for_device``)."""
+    requested = train["precision"]
+    if requested not in precision.PRECISIONS:
+        problems.append(f"train.precision: expected one of {', '.join(precision.PRECISIONS)}, got {requested!r}")
+        return
+    if train["use_gpu"] is True:
+        return
+    try:
+        precision.resolve_precision(requested, "cpu", cpu_native_bf16=precision.cpu_has_native_bf16(),
+                                    device_name=f"{precision.cpu_name()} (train.use_gpu=false)")
+    except precision.PrecisionError as e:
+        problems.append(str(e))
 
 
 def check_gpus(train: dict[str, Any], problems: list[str]) -> None:

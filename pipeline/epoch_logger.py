@@ -38,11 +38,23 @@ class EpochLogger(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         rank0 = metrics[0]
         epoch = int(rank0["epoch"])
+        # Strings (the first epoch's resolved precision, memory format, device) are tags, not metrics.
+        tags = {k: v for k, v in rank0.items() if isinstance(v, str)}
+        if tags:
+            self.set_tags(tags)
         if epoch not in self.logged and epoch not in self.queued:
-            self.queued[epoch] = (int(time.time() * 1000), {k: v for k, v in rank0.items() if k != "epoch"})
+            values = {k: v for k, v in rank0.items() if k != "epoch" and not isinstance(v, str)}
+            self.queued[epoch] = (int(time.time() * 1000), values)
         self.flush()
         if checkpoint is not None and self.queued:
             self.note_unlogged(checkpoint)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        try:
+            with tracking.quick_requests():
+                tracking.set_tags(self.tracking_uri, self.run_id, tags)
+        except Exception as e:  # a description of the run, not worth holding training for
+            log.warning("MLflow %s: could not set tags %s (%s)", self.tracking_uri, sorted(tags), tracking.first_line(e))
 
     def flush(self) -> None:
         """Send the queued epochs, oldest first; stop at the first failure and keep the rest."""

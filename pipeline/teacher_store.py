@@ -25,6 +25,7 @@ URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "fi
 CHAMPION = "champion"  # the registered version with the best test accuracy; moved by `record_version`
 LATEST = "latest"  # MLflow's own alias for the newest version: reserved, never set by hand
 ACCURACY_TAG = "test_top1"  # on each registered version: its test top-1 (%), what `champion` is chosen by
+ACCURACY_DIGITS = 4  # the tag's decimals; a new version is compared at this rounding too, so ties stay ties
 
 REGISTERED = re.compile(r"(?:models:/)?([\w.\-]+)(?:/(\d+)|@([\w\-]+))?")
 
@@ -90,7 +91,10 @@ def record_version(name: str, version: str | int, test_top1: float, tags: dict[s
 
     client = client or mlflow.MlflowClient()
     version = str(version)
-    for key, value in {ACCURACY_TAG: f"{test_top1:.4f}", **(tags or {})}.items():
+    # The champion's accuracy is read back from its tag, so the newcomer is compared at the tag's
+    # rounding: an unrounded 78.33333 against a stored "78.3333" would win a tie.
+    test_top1 = round(test_top1, ACCURACY_DIGITS)
+    for key, value in {ACCURACY_TAG: f"{test_top1:.{ACCURACY_DIGITS}f}", **(tags or {})}.items():
         client.set_model_version_tag(name, version, key, str(value))
     current = client.get_registered_model(name).aliases.get(CHAMPION)
     current = None if current is None else str(current)  # an int from the SQL store

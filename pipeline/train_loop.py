@@ -22,15 +22,11 @@ import torch.distributed as dist
 from pipeline import checkpoint, teacher_store
 from pipeline.data_feed import InMemoryFeed, RayDataFeed
 from pipeline.dataset import PreparedDataset
-from stkd import methods, models
+from stkd import methods, models, precision
 from stkd.augment import channel_stats, nhwc_to_nchw, normalize, random_crop_flip
-from stkd.training import eval_logits, train_step
+from stkd.training import eval_logits, scaled_train_step, train_step
 
 log = logging.getLogger(__name__)
-
-
-def resolve_auto(value: bool | str, device: torch.device) -> bool:
-    return device.type == "cuda" if value == "auto" else bool(value)
 
 
 def resolve_sync_bn(value: bool | str, device: torch.device, world: int) -> bool:
@@ -78,8 +74,8 @@ class Step:
         self.generator = generator
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], info: dict[str, Any], generator: torch.Generator) -> "Step":
-        channels_last = resolve_auto(config["train"]["channels_last"], generator.device)
+    def from_config(cls, config: dict[str, Any], info: dict[str, Any], generator: torch.Generator,
+                    channels_last: bool) -> "Step":
         return cls(info["mean"], info["std"], config["data"]["crop_padding"], config["data"]["flip"], channels_last,
                    generator)
 
@@ -97,29 +93,41 @@ class EpochSums:
 
     def __init__(self, names: tuple[str, ...], device: torch.device) -> None:
         self.names = names
-        self.values = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # terms..., correct
+        # terms..., skipped steps (fp16), correct
+        self.values = torch.zeros(len(names) + 2, dtype=torch.float64, device=device)
         self.seen = 0
+        self._no_skip = torch.zeros((), device=device)
 
-    def add(self, terms: dict[str, torch.Tensor], correct: torch.Tensor, n: int) -> None:
-        self.values += torch.stack([terms[k].detach().float() * n for k in self.names] + [correct.float()])
+    def add(self, terms: dict[str, torch.Tensor], correct: torch.Tensor, n: int,
+            skipped: torch.Tensor | None = None) -> None:
+        skipped = self._no_skip if skipped is None else skipped
+        self.values += torch.stack([terms[k].detach().float() * n for k in self.names]
+                                   + [skipped.float(), correct.float()])
         self.seen += n
 
     def totals(self) -> list[float]:
-        """``[term sums..., correct, seen]`` summed over workers: the epoch's one read from the device."""
+        """``[term sums..., skipped steps, correct, seen]`` summed over workers: the epoch's one read from
+        the device."""
         seen = torch.tensor([float(self.seen)], dtype=torch.float64, device=self.values.device)
         return all_reduce_sum(torch.cat([self.values, seen])).tolist()
 
 
 def train_batch(method: methods.Method, optimizer: torch.optim.Optimizer, step: Step, images: torch.Tensor,
-                labels: torch.Tensor, autocast, sums: EpochSums) -> None:
+                labels: torch.Tensor, amp: precision.Precision, sums: EpochSums) -> None:
     """One training step on a uint8 batch already on the device, counted into ``sums``; nothing in it
     waits for the device (``tests/test_gpu_ready.py`` checks this on CUDA)."""
-    logits, terms = train_step(method, optimizer, step.train_input(images), labels, autocast)
-    sums.add(terms, method.train_correct(logits.detach(), labels), len(labels))
+    x = step.train_input(images)
+    if amp.scaler is None:
+        logits, terms = train_step(method, optimizer, x, labels, amp.autocast)
+        skipped = None
+    else:
+        logits, terms, skipped = scaled_train_step(method, optimizer, x, labels, amp.autocast, amp.scaler)
+    sums.add(terms, method.train_correct(logits.detach(), labels), len(labels), skipped)
 
 
 def restore(directory: str, student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-            generators: dict[str, torch.Generator], rank: int) -> dict[str, Any]:
+            generators: dict[str, torch.Generator], rank: int,
+            scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
     """Load a training checkpoint into a student, optimizer and generators already on the device.
 
     The file is read on the CPU and ``load_state_dict`` copies weights and optimizer state to where the
@@ -131,6 +139,8 @@ def restore(directory: str, student: torch.nn.Module, optimizer: torch.optim.Opt
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(generators, state["rng"], rank)
+    if scaler is not None and state.get("scaler"):  # fp16: the loss scale it had reached, not 65536 again
+        scaler.load_state_dict(state["scaler"])
     return state
 
 
@@ -274,7 +284,8 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
 
     torch.manual_seed(seed)  # the same initial student on every worker and every run with this seed
     spec = checkpoint.model_spec(config["model"]["student"], info["num_classes"], info["image_shape"][2])
-    channels_last = resolve_auto(train_cfg["channels_last"], device)
+    precision_name = precision.resolve_for_device(train_cfg["precision"], device)
+    channels_last = precision.resolve_channels_last(train_cfg["channels_last"], device.type, precision_name)
     student = build_student(spec, device, channels_last, resolve_sync_bn(train_cfg["sync_bn"], device, world))
     raw_student = student
     student = ray.train.torch.prepare_model(student, move_to_device=False)
@@ -294,18 +305,18 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
                                 weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"])
     scheduler = make_scheduler(optimizer, optim_cfg)
-    step = Step.from_config(config, info, generators["augment"])
-
-    bf16 = resolve_auto(train_cfg["bf16"], device)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    step = Step.from_config(config, info, generators["augment"], channels_last)
+    amp = precision.Precision.create(precision_name, device.type)
+    hardware = {"hardware.precision": precision_name, "hardware.memory_format":
+                "channels_last" if channels_last else "contiguous", "hardware.device": precision.device_description(device)}
+    if rank == 0:
+        log.info("training in %s, %s, on %s", precision_name, hardware["hardware.memory_format"], hardware["hardware.device"])
 
     start_epoch, history, selection_state = 0, [], None
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            state = restore(directory, raw_student, optimizer, scheduler, generators, rank)
+            state = restore(directory, raw_student, optimizer, scheduler, generators, rank, amp.scaler)
         start_epoch, history, selection_state = state["epoch"] + 1, state["history"], state["selection"]
         log.info("rank %d resumed from epoch %d", rank, state["epoch"])
 
@@ -324,7 +335,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         join = student.join() if uneven and hasattr(student, "join") else contextlib.nullcontext()
         with join:
             for images, labels in train_feed.batches(epoch):
-                train_batch(method, optimizer, step, images, labels, autocast, sums)
+                train_batch(method, optimizer, step, images, labels, amp, sums)
         scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -337,6 +348,9 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         metrics["loss/total"] = sum(metrics.values())
         metrics.update({"train/acc": 100 * totals[-2] / total_seen, "lr": lr, "epoch_time_s": train_time,
                         "images_per_s": total_seen / train_time, "epoch": epoch})
+        if amp.scaler is not None:
+            metrics["fp16/skipped_steps"] = totals[-3]  # summed over workers: inf/nan gradients, step skipped
+            metrics["fp16/loss_scale"] = amp.scaler.get_scale()
         last = epoch == epochs - 1
         if (epoch + 1) % config["data"]["eval_every"] == 0 or last:
             eval_start = time.perf_counter()
@@ -350,16 +364,18 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         if epoch == start_epoch:
             metrics["setup_time_s"] = setup_time  # model, teacher and data on the worker, once per run
         history.append(dict(metrics))
+        report = {**metrics, **hardware} if epoch == start_epoch else metrics  # strings: tags (epoch_logger)
 
         if (epoch + 1) % train_cfg["checkpoint_every"] == 0 or last:
-            report_with_checkpoint(metrics, {
+            report_with_checkpoint(report, {
                 "model": spec, "student": raw_student.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
                 "selection": selection.state(raw_student),
                 "rng": gather_rng_states(generators, world, device), "config_name": config["name"],
             }, rank)
         else:
-            ray.train.report(metrics)
+            ray.train.report(report)
         if rank == 0:  # the driver prints each epoch (pipeline.progress); this is for the worker's log file
             log.debug("epoch %d/%d %s", epoch + 1, epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))

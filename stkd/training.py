@@ -29,6 +29,34 @@ def train_step(
     return logits, terms
 
 
+def scaled_train_step(
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: Callable[[], ContextManager],
+    scaler: torch.amp.GradScaler,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`train_step` for fp16: the loss is scaled for the backward pass, the gradients unscaled before
+    the optimizer step, and a step whose gradients hold inf/nan is skipped by the scaler. The returned
+    terms are the unscaled ones; the third value is a 0-d device tensor, 1.0 when the step was skipped.
+
+    A skipped step is read from the scale shrinking in ``update()`` (it backs off only on inf/nan), on
+    the device: ``GradScaler.step`` already waits for the GPU once per step (it reads ``found_inf`` on the
+    host), and ``get_scale()`` would add a second wait.
+    """
+    with autocast():
+        logits, terms = method.forward_train(x, y)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    scaled = scaler.scale(loss)
+    scale_before = scaler._scale.clone()  # private: the public get_scale() syncs with the host
+    scaled.backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, terms, (scaler._scale < scale_before).float()
+
+
 def eval_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's float32 logits with autocast switched off.
 

@@ -4,7 +4,6 @@ SyncBatchNorm's switch, the fp32 evaluation policy, and the GPU benchmark's CPU 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from pipeline.train_loop import (EpochSums, Step, build_student, evaluate, gathe
                                  make_scheduler, resolve_sync_bn, restore, train_batch)
 from stkd import methods, models
 from stkd.mixup import mix
+from stkd.precision import Precision
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -65,10 +65,12 @@ class Run:
         self.step = Step([0.5, 0.4, 0.3], [0.25, 0.25, 0.25], 4, True, channels_last, self.generators["augment"])
         self.method.train()
 
-    def train(self, batches, autocast=contextlib.nullcontext) -> EpochSums:
-        sums = EpochSums(self.method.term_names(), next(self.student.parameters()).device)
+    def train(self, batches, amp: Precision | None = None) -> EpochSums:
+        device = next(self.student.parameters()).device
+        amp = amp or Precision.create("fp32", device.type)
+        sums = EpochSums(self.method.term_names(), device)
         for images, labels in batches:
-            train_batch(self.method, self.optimizer, self.step, images, labels, autocast, sums)
+            train_batch(self.method, self.optimizer, self.step, images, labels, amp, sums)
         return sums
 
     def state(self) -> dict:
@@ -139,7 +141,7 @@ def test_epoch_sums_add_up_on_the_device_and_read_once():
     sums = EpochSums(("ce", "kd"), CPU)
     sums.add({"ce": torch.tensor(1.5), "kd": torch.tensor(0.5)}, torch.tensor(3.0), 4)
     sums.add({"ce": torch.tensor(1.0), "kd": torch.tensor(0.25)}, torch.tensor(2.0), 2)
-    assert sums.totals() == [1.5 * 4 + 1.0 * 2, 0.5 * 4 + 0.25 * 2, 5.0, 6.0]
+    assert sums.totals() == [1.5 * 4 + 1.0 * 2, 0.5 * 4 + 0.25 * 2, 0.0, 5.0, 6.0]  # terms, skipped, correct, seen
 
 
 def test_sync_bn_resolution_and_conversion():
@@ -213,16 +215,14 @@ def test_a_training_step_on_cuda_never_waits_for_the_gpu(name):
     run = Run(device, name, channels_last=True)
     batches = [(x.to(device), y.to(device)) for x, y in uint8_batches(4)]
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-
-    run.train(batches[:1], autocast)  # first-call set-up (cuDNN, allocator) is not the steady state
+    amp = Precision.create("bf16", "cuda")
+    run.train(batches[:1], amp)  # first-call set-up (cuDNN, allocator) is not the steady state
     sums = EpochSums(run.method.term_names(), device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for images, labels in batches[1:]:
-            train_batch(run.method, run.optimizer, run.step, images, labels, autocast, sums)
+            train_batch(run.method, run.optimizer, run.step, images, labels, amp, sums)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     totals = sums.totals()
@@ -239,7 +239,7 @@ def test_stkd_with_clean_kd_on_cuda_never_waits_for_the_gpu():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        train_batch(run.method, run.optimizer, run.step, images, labels, contextlib.nullcontext, sums)
+        train_batch(run.method, run.optimizer, run.step, images, labels, Precision.create("fp32", "cuda"), sums)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert sums.totals()[-1] == 8

@@ -42,6 +42,15 @@ def test_champion_moves_only_to_a_better_version_and_latest_is_the_newest(regist
         assert float(tags[teacher_store.ACCURACY_TAG]) == acc and tags["source"] == "test"
 
 
+def test_a_tie_at_the_tags_rounding_keeps_the_champion(registry):
+    # 282/360 is stored as "78.3333"; the same accuracy recorded again (unrounded) is a tie, not a win.
+    client, name, add = registry
+    first, second = add(), add()
+    assert teacher_store.record_version(name, first, 282 / 360 * 100, client=client) == first
+    assert teacher_store.record_version(name, second, 282 / 360 * 100, client=client) == first
+    assert client.get_model_version(name, second).tags[teacher_store.ACCURACY_TAG] == "78.3333"
+
+
 def test_a_champion_set_by_hand_without_accuracy_is_kept(registry, caplog):
     client, name, add = registry
     first, second = add(), add()
@@ -89,7 +98,9 @@ def test_a_registered_teacher_run_records_its_accuracy_and_becomes_champion(teac
     assert float(version.tags[teacher_store.ACCURACY_TAG]) == pytest.approx(teacher_run.selected_top1, abs=1e-4)
     assert version.run_id == teacher_run.run_id
     champion = client.get_model_version_by_alias("teacher-test-digits", teacher_store.CHAMPION)
-    assert float(champion.tags[teacher_store.ACCURACY_TAG]) >= teacher_run.selected_top1
+    # The tag holds the accuracy rounded (78.3333 for 282/360): compare at the same rounding.
+    recorded = round(teacher_run.selected_top1, teacher_store.ACCURACY_DIGITS)
+    assert float(champion.tags[teacher_store.ACCURACY_TAG]) >= recorded
 
 
 def test_a_logged_model_uri_is_not_taken_for_a_registered_name():
