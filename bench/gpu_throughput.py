@@ -8,19 +8,30 @@
     The per-image transforms are NumPy stand-ins for torchvision's RandomCrop(32, 4),
     RandomHorizontalFlip, ToTensor and Normalize (torchvision does not import beside this project's
     torch); they skip the PIL round trip RepDistiller makes, so if anything they flatter (a).
-(b) ``project``, this project's worker step: the training images as uint8 in GPU memory
+(b) ``classic_bf16_cl``, the same classic data path (per-image DataLoader, ``.cuda()``, ``loss.item()``) with
+    the project's arithmetic: bf16 autocast and channels_last models and inputs. Set beside (a) and (c), it
+    splits the speed-up into what precision and memory format give and what the data path gives.
+(c) ``project``, this project's worker step: the training images as uint8 in GPU memory
     (``pipeline.data_feed.InMemoryFeed``), batched crop/flip and normalization (``pipeline.train_loop.Step``)
-    with generators on the GPU, bf16 autocast, channels_last, optionally ``torch.compile``, and
-    ``pipeline.train_loop.train_batch`` (sums kept on the device, no host sync per step).
+    with generators on the GPU, bf16 autocast, channels_last, and ``pipeline.train_loop.train_batch`` (sums
+    kept on the device, no host sync per step). With ``--compile`` also ``project_compile`` (the student
+    under ``torch.compile``, default mode) and, on CUDA, ``project_compile_cudagraphs``
+    (``mode="reduce-overhead"``: CUDA graphs replay the student's kernels without launching each one).
+
+Fairness: ``torch.backends.cudnn.benchmark = True`` for every variant (the batch shape is fixed, so cuDNN's
+autotuner picks each loop's fastest convolutions); the variants run in turn, ``--repeats`` rounds, the
+order reversed every other round (so none always runs first, on a cold GPU, or last, on a hot one), and
+each variant's figure is the median of its rounds, its every round kept beside it.
 
 Both train STKD (T 4, CE weight 0.1, KD weight 0.9, mixup alpha 1) with SGD (lr 0.05, momentum 0.9,
 wd 5e-4), batch 64, on synthetic CIFAR-100-shaped data (50,000 uint8 32x32x3 images, 100 classes:
 the cost of a step does not depend on the pixels) with an untrained teacher, for resnet56 -> resnet20
 and resnet32x4 -> resnet8x4. Each loop runs ``--warmup`` steps, then ``--steps`` timed steps between two
 ``torch.cuda.synchronize()``; reported: images/s, peak GPU memory of the loop (``max_memory_allocated``;
-for (b) it includes the dataset held on the GPU), and the ratio project / classic. Goal: >= 5x.
+for (c) it includes the dataset held on the GPU), and the ratios project / classic (goal: >= 5x),
+classic_bf16_cl / classic (precision and layout) and project / classic_bf16_cl (the data path).
 
-    python bench/gpu_throughput.py [--steps 300] [--warmup 30] [--compile] [--workers 8]
+    python bench/gpu_throughput.py [--steps 300] [--warmup 30] [--repeats 3] [--compile] [--workers 8]
     python bench/gpu_throughput.py --cpu-smoke      # a few tiny steps on the CPU: checks the script only
 
 Writes ``bench/results/gpu_throughput.json`` (``gpu_throughput_cpu_smoke.json`` for the smoke mode).
@@ -29,7 +40,7 @@ Writes ``bench/results/gpu_throughput.json`` (``gpu_throughput_cpu_smoke.json`` 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import statistics
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -86,24 +97,34 @@ def endless(loader: DataLoader) -> Iterator:
         yield from loader
 
 
-def classic_loop(student, teacher, images, labels, device, batch_size, workers) -> Callable[[], None]:
-    """One step of (a) per call: the next batch from the DataLoader, to the GPU, STKD, meters."""
+def classic_loop(student, teacher, images, labels, device, batch_size, workers, bf16: bool = False,
+                 channels_last: bool = False) -> Callable[[], None]:
+    """One step of (a) per call: the next batch from the DataLoader, to the GPU, STKD, meters. With ``bf16``
+    and ``channels_last``, variant (b): the same data path, the project's arithmetic."""
     loader = DataLoader(PerImageCIFAR(images, labels), batch_size=batch_size, shuffle=True, num_workers=workers)
     batches = endless(loader)
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(student.parameters(), **SGD)
     student.train()
     teacher.eval()
     meters = {"loss": 0.0, "top1": 0.0, "seen": 0}
+    amp = Precision.create("bf16" if bf16 else "fp32", device.type)
 
     def step() -> None:
         x, y = next(batches)
         x, y = x.float().to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         lam = np.random.beta(STKD["mixup_alpha"], STKD["mixup_alpha"])
         index = torch.randperm(x.size(0)).to(device)
         mixed = lam * x + (1 - lam) * x[index]
-        logit_s = student(mixed)
-        with torch.no_grad():
-            logit_t = teacher(mixed)
+        with amp.autocast():
+            logit_s = student(mixed)
+            with torch.no_grad():
+                logit_t = teacher(mixed)
+        logit_s, logit_t = logit_s.float(), logit_t.float()
         loss = (STKD["ce_weight"] * mixed_cross_entropy(logit_s, y, y[index], lam)
                 + STKD["kd_weight"] * kd_loss(logit_s, logit_t, STKD["temperature"]))
         acc1, _ = accuracy(logit_s, y)
@@ -118,13 +139,15 @@ def classic_loop(student, teacher, images, labels, device, batch_size, workers) 
 
 
 def project_loop(student, teacher, images, labels, device, batch_size, bf16, channels_last,
-                 compile_student) -> Callable[[], None]:
-    """One step of (b) per call: this project's worker step on a batch already in GPU memory."""
+                 compile_mode: str | None = None) -> Callable[[], None]:
+    """One step of (c) per call: this project's worker step on a batch already in GPU memory.
+    ``compile_mode``: None (eager), ``"default"`` or ``"reduce-overhead"`` (CUDA graphs) for ``torch.compile``."""
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
-    if compile_student:
-        student = torch.compile(student)
+    cudagraphs = compile_mode == "reduce-overhead"
+    if compile_mode is not None:
+        student = torch.compile(student, mode=compile_mode)
     augment, draws = (torch.Generator(device=device).manual_seed(s) for s in (1, 2))
     method = methods.create("stkd", student, teacher, generator=draws, **STKD)
     method.train()
@@ -145,6 +168,9 @@ def project_loop(student, teacher, images, labels, device, batch_size, bf16, cha
 
     def step() -> None:
         x, y = next(batches)
+        if cudagraphs:
+            # A new iteration: the graphs may overwrite the previous step's outputs (none is kept across steps).
+            torch.compiler.cudagraph_mark_step_begin()
         train_batch(method, optimizer, step_input, x, y, amp, sums)
 
     return step
@@ -176,16 +202,51 @@ def fresh_pair(teacher_name: str, student_name: str, classes: int, device: torch
     return student, teacher
 
 
+def variants(compile_student: bool, device: torch.device) -> list[str]:
+    names = ["classic", "classic_bf16_cl", "project"]
+    if compile_student:
+        names.append("project_compile")
+        if device.type == "cuda":  # CUDA graphs exist on CUDA only
+            names.append("project_compile_cudagraphs")
+    return names
+
+
+def round_orders(names: list[str], repeats: int) -> list[list[str]]:
+    """The variants' order in each round: as listed, then reversed, alternately."""
+    return [list(names) if r % 2 == 0 else list(reversed(names)) for r in range(repeats)]
+
+
+def make_step(variant: str, student, teacher, images, labels, device, args, bf16: bool) -> Callable[[], None]:
+    if variant == "classic":
+        return classic_loop(student, teacher, images, labels, device, args.batch_size, args.workers)
+    if variant == "classic_bf16_cl":
+        return classic_loop(student, teacher, images, labels, device, args.batch_size, args.workers, bf16=bf16,
+                            channels_last=True)
+    mode = {"project": None, "project_compile": "default", "project_compile_cudagraphs": "reduce-overhead"}[variant]
+    return project_loop(student, teacher, images, labels, device, args.batch_size, bf16, True, mode)
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    rates = [r["images_per_s"] for r in rounds]
+    out: dict[str, Any] = {"images_per_s": statistics.median(rates), "images_per_s_rounds": rates,
+                           "spread": (max(rates) - min(rates)) / statistics.median(rates)}
+    if "peak_gpu_mib" in rounds[0]:
+        out["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in rounds)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps per loop before timing")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all variants, order reversed every other")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--images", type=int, default=50_000, help="synthetic training images")
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=8, help="DataLoader worker processes of the classic loop")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student in the project loop")
-    parser.add_argument("--no-bf16", action="store_true", help="project loop in fp32 (default: bf16 autocast)")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader worker processes of the classic loops")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the project loop with torch.compile, without and (CUDA) with CUDA graphs")
+    parser.add_argument("--no-bf16", action="store_true", help="bf16 variants in fp32 (default: bf16 autocast)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="a few tiny steps on the CPU: checks that the script runs, measures nothing")
     parser.add_argument("--result-name", default=None)
@@ -196,16 +257,19 @@ def main() -> None:
         torch.set_num_threads(1)
         # Tiny and fp32 (CPU bf16 convolutions are slow): this mode keeps the script from rotting, no more.
         args.steps, args.warmup, args.batch_size, args.images, args.workers = 2, 0, 8, 64, 1
+        args.repeats = min(args.repeats, 2)
         args.no_bf16, size = True, 16
         result_name = args.result_name or "gpu_throughput_cpu_smoke"
     elif torch.cuda.is_available():
         device = torch.device("cuda")
         size = 32
         result_name = args.result_name or "gpu_throughput"
+        # Every variant's batch shape is fixed: let cuDNN time its algorithms once per shape and keep the fastest.
+        torch.backends.cudnn.benchmark = True
     else:
         sys.exit("bench/gpu_throughput.py needs a CUDA GPU; --cpu-smoke checks the script on the CPU")
     bf16 = not args.no_bf16
-    channels_last = True
+    names = variants(args.compile, device)
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
@@ -214,34 +278,44 @@ def main() -> None:
     results = {}
     for teacher_name, student_name in PAIRS:
         pair = f"{teacher_name}->{student_name}"
-        results[pair] = {}
-        for loop in ("classic", "project"):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            student, teacher = fresh_pair(teacher_name, student_name, args.classes, device)
-            if loop == "classic":
-                step = classic_loop(student, teacher, images, labels, device, args.batch_size, args.workers)
-            else:
-                step = project_loop(student, teacher, images, labels, device, args.batch_size, bf16, channels_last,
-                                    args.compile)
-            results[pair][loop] = measure(step, device, args.warmup, args.steps, args.batch_size)
-            del step, student, teacher
-            print(f"{pair} {loop}: {results[pair][loop]['images_per_s']:.0f} images/s"
-                  + (f", peak {results[pair][loop]['peak_gpu_mib']:.0f} MiB" if device.type == "cuda" else ""),
-                  flush=True)
-        results[pair]["speedup"] = results[pair]["project"]["images_per_s"] / results[pair]["classic"]["images_per_s"]
-        print(f"{pair}: project / classic = {results[pair]['speedup']:.2f}x", flush=True)
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for r, order in enumerate(round_orders(names, args.repeats)):
+            for variant in order:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                student, teacher = fresh_pair(teacher_name, student_name, args.classes, device)
+                step = make_step(variant, student, teacher, images, labels, device, args, bf16)
+                result = measure(step, device, args.warmup, args.steps, args.batch_size)
+                rounds[variant].append(result)
+                del step, student, teacher
+                print(f"{pair} round {r + 1} {variant}: {result['images_per_s']:.0f} images/s"
+                      + (f", peak {result['peak_gpu_mib']:.0f} MiB" if device.type == "cuda" else ""), flush=True)
+        results[pair] = {name: summarize(rounds[name]) for name in names}
+        rate = {name: results[pair][name]["images_per_s"] for name in names}
+        results[pair]["speedup"] = rate["project"] / rate["classic"]
+        results[pair]["speedup_precision_layout"] = rate["classic_bf16_cl"] / rate["classic"]
+        results[pair]["speedup_data_path"] = rate["project"] / rate["classic_bf16_cl"]
+        for name in names[3:]:
+            results[pair][f"speedup_{name}"] = rate[name] / rate["classic"]
+        print(f"{pair}: project / classic = {results[pair]['speedup']:.2f}x (precision and layout "
+              f"{results[pair]['speedup_precision_layout']:.2f}x, data path {results[pair]['speedup_data_path']:.2f}x)",
+              flush=True)
 
+    precision_name = "bf16 autocast" if bf16 else "fp32"
     settings = {"device": device.type, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "smoke": args.cpu_smoke, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+                "repeats": args.repeats, "order": "as listed, reversed every other round", "variants": names,
                 "images": args.images, "image_size": size, "classes": args.classes, "classic_workers": args.workers,
-                "project_precision": "bf16 autocast" if bf16 else "fp32", "classic_precision": "fp32",
-                "channels_last": channels_last, "compile": args.compile, "stkd": STKD, "sgd": SGD}
+                "precision": {"classic": "fp32", "classic_bf16_cl": precision_name, "project": precision_name},
+                "channels_last": {"classic": False, "classic_bf16_cl": True, "project": True},
+                "cudnn_benchmark": device.type == "cuda", "compile": args.compile, "stkd": STKD, "sgd": SGD}
     payload: dict[str, Any] = {
         "description": "STKD training throughput, same device, one run: (a) classic per-image DataLoader loop "
-                       "(RepDistiller/mdistiller style, fp32) vs (b) this project's step (uint8 data in device "
-                       "memory, batched augmentation, bf16 autocast, channels_last); synthetic CIFAR-100-shaped data",
+                       "(RepDistiller/mdistiller style, fp32), (b) the same data path in bf16 + channels_last, (c) "
+                       "this project's step (uint8 data in device memory, batched augmentation, bf16 autocast, "
+                       "channels_last), optionally compiled; medians over alternating rounds; synthetic "
+                       "CIFAR-100-shaped data",
         "settings": settings, "results": results}
     if not args.cpu_smoke:
         payload["target"] = {"speedup_min": 5.0, "met": all(r["speedup"] >= 5.0 for r in results.values())}

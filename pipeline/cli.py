@@ -1,5 +1,5 @@
-"""The ``stkd`` command line: prepare, verify-data, teacher, import-teacher, distill, log-run, tune, study,
-demo."""
+"""The ``stkd`` command line: prepare, verify-data, teacher, import-teacher, distill, log-run, eval, tune,
+study, demo."""
 
 from __future__ import annotations
 
@@ -121,6 +121,12 @@ def cmd_log_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline import evaluate
+
+    return evaluate.run_cli(args)
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline import tune
 
@@ -183,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=60.0,
                    help="seconds to wait for the tracking server if it is still away (default 60)")
     p.set_defaults(func=cmd_log_run)
+
+    p = sub.add_parser("eval", help="measure a model on a prepared split (top-1, top-5, per-class, ECE, NLL) "
+                       "and log it to MLflow, linked to the model")
+    from pipeline import evaluate
+
+    evaluate.add_arguments(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over a search space", epilog=EPILOG)
     add_recipe_arguments(p)

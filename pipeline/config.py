@@ -346,6 +346,7 @@ def check_values(config: dict[str, Any], problems: list[str]) -> None:
                         "train.sync_bn at 'auto' (on the CPU each worker's BatchNorm keeps its own statistics)")
     check_schedule(optim, problems)
     check_gpus(train, problems)
+    check_data_parallel(config, problems)
     check_tune(config["tune"], optim, problems)
     fraction = config["data"]["val_fraction"]
     if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and not 0 <= fraction < 1:
@@ -396,8 +397,41 @@ def check_gpus(train: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"train.gpus_per_worker: {share} with train.workers={workers} would put two ranks of one run "
                         "on one GPU, which NCCL refuses (\"Duplicate GPU detected\"); use train.gpus_per_worker=1 "
                         "with several workers, or train.workers=1 to share GPUs between trials")
-    if isinstance(share, (int, float)) and not isinstance(share, bool) and (share <= 0 or (share > 1 and share % 1)):
-        problems.append(f"train.gpus_per_worker: a fraction of one GPU in (0, 1] or a whole number, got {share}")
+    if isinstance(share, (int, float)) and not isinstance(share, bool) and share <= 0:
+        problems.append(f"train.gpus_per_worker: a fraction of one GPU in (0, 1], got {share}")
+    elif isinstance(share, (int, float)) and not isinstance(share, bool) and share > 1:
+        # A worker trains on ray.train.torch.get_device(), the first of its GPUs: the others would sit idle.
+        problems.append(f"train.gpus_per_worker: {share} GPUs per worker, but each worker trains on one GPU and "
+                        f"would leave the other {share - 1:g} idle; for several GPUs use one worker per GPU "
+                        f"(train.workers=<GPUs> train.gpus_per_worker=1), or a fraction to share a GPU")
+
+
+def check_data_parallel(config: dict[str, Any], problems: list[str]) -> None:
+    """SyncBatchNorm with ``torch.compile``, and a streamed global batch that does not divide over the workers.
+
+    ``train.sync_bn`` counts as on when it is ``true``, or ``auto`` where it resolves on (GPUs, several workers,
+    a per-GPU batch below ``pipeline.data_feed.SYNC_BN_BELOW``; ``pipeline.train_loop.resolve_sync_bn``).
+    The streaming feed gives every worker ``optim.batch_size // train.workers`` rows a step; a batch that does
+    not divide would silently train with a smaller global batch than the learning rate was chosen for.
+    """
+    from pipeline.data_feed import per_worker_batch, sync_bn_pays
+
+    train, batch = config["train"], config["optim"]["batch_size"]
+    workers = train["workers"]
+    if not (isinstance(workers, int) and isinstance(batch, int)) or isinstance(batch, bool) or workers < 1:
+        return
+    sync_bn = train["sync_bn"] is True or (train["sync_bn"] == "auto" and train["use_gpu"] is True and workers > 1
+                                           and sync_bn_pays(per_worker_batch(batch, workers)))
+    if sync_bn and train["compile"] is True:
+        why = "" if train["sync_bn"] is True else (f" (auto: {per_worker_batch(batch, workers)} samples per GPU, "
+                                                   "where synchronizing pays)")
+        problems.append(f"train.sync_bn and train.compile: SyncBatchNorm is on{why}, and torch.compile does not "
+                        "trace SyncBatchNorm's collectives; set train.sync_bn=false or train.compile=false")
+    if config["data"]["in_memory"] is False and workers > 1 and batch >= workers and batch % workers:
+        lower, upper = batch - batch % workers, batch - batch % workers + workers
+        problems.append(f"optim.batch_size: the global batch {batch} does not divide over train.workers={workers}, "
+                        f"and the streaming feed (data.in_memory=false) gives every worker the same batch; use "
+                        f"{lower} or {upper}")
 
 
 def check_tune(tune: dict[str, Any], optim: dict[str, Any], problems: list[str]) -> None:

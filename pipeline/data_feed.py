@@ -4,8 +4,17 @@ Two feeds with one interface, ``batches(epoch) -> iterator of (uint8 NHWC tensor
 
 - ``InMemoryFeed`` loads a split into each worker's device memory once (CIFAR train is 150 MB)
   and deals every global batch out across workers, so all workers take the same number of steps.
-- ``RayDataFeed`` streams the worker's shard of a Ray Data dataset (``get_dataset_shard``).
-  Shards may differ in length by a few rows, so training over them uses DDP's ``join``.
+- ``RayDataFeed`` streams the worker's shard of a Ray Data dataset (``get_dataset_shard``), decoded,
+  pinned and copied to the device by Ray Data's prefetching threads (``iter_torch_batches``).
+
+Every worker takes the same number of training steps in every epoch, on both feeds. DDP needs it (each step
+all-reduces the gradients), and so does SyncBatchNorm, whose collectives DDP's ``join`` cannot shadow: with
+unequal shards under ``join`` a run with SyncBatchNorm hung until the NCCL timeout (issue 23). The streaming
+train split is therefore cut with ``streaming_split(equal=True)`` (:func:`split_data_config`): every worker
+gets ``floor(rows / workers)`` rows per epoch (Ray drops the fewer than ``workers`` rows left over), and the
+training feed yields full batches only, rolling an epoch's last partial batch into the next epoch
+(:func:`epoch_steps`). Equal rows and one batch size give equal steps, with no per-step agreement between
+workers and no ``join``; fixed batch shapes also let cuDNN's autotuner (``cudnn.benchmark``) pay off.
 """
 
 from __future__ import annotations
@@ -18,6 +27,32 @@ import torch
 from pipeline.dataset import PreparedDataset, decode_images
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+# train.sync_bn=auto turns SyncBatchNorm on only below this many samples per GPU. BatchNorm normalizes each
+# step with its batch's mean and variance; the noise in those estimates grows as 1/sqrt(samples), and the
+# measured cost stays small down to about 32 per device (Goyal et al. 2017 train ImageNet with unsynced BN
+# at 32 per GPU, matching one large batch; Wu & He 2018, Group Norm, Fig. 1: BN's error rises steeply below
+# 16-32 per GPU). SyncBatchNorm is not free either: two extra all-reduces per BN layer per step, in the
+# forward, where nothing overlaps them. So: synchronize where the per-GPU batch is small and noisy, not where
+# each GPU already sees enough samples (the standard recipe, batch 64, on 2 GPUs keeps plain BatchNorm).
+SYNC_BN_BELOW = 32
+
+
+def per_worker_batch(global_batch: int, world_size: int) -> int:
+    """Rows of a global batch one worker trains on (the config check makes the streaming path's divide)."""
+    return max(global_batch // world_size, 1)
+
+
+def sync_bn_pays(per_worker_batch_size: int) -> bool:
+    """Whether ``train.sync_bn=auto`` synchronizes BatchNorm at this per-GPU batch (see ``SYNC_BN_BELOW``)."""
+    return per_worker_batch_size < SYNC_BN_BELOW
+
+
+def epoch_steps(rows: int, batch_size: int, carry: int = 0) -> tuple[int, int]:
+    """(steps, rows carried on) of a training epoch of :class:`RayDataFeed`: ``rows`` from the shard plus
+    the ``carry`` rolled over from the epoch before, in full batches only. Every worker has the same
+    ``rows`` (equal split) and, epoch after epoch, the same carry, hence the same steps."""
+    return (rows + carry) // batch_size, (rows + carry) % batch_size
 
 
 def global_batch_bounds(num_rows: int, batch_size: int, world_size: int) -> list[tuple[int, int]]:
@@ -38,49 +73,98 @@ def rank_slice(num_rows: int, rank: int, world_size: int) -> slice:
 
 class InMemoryFeed:
     """Rows of one split held on the device. Training (``shuffle``): every worker holds all rows and
-    takes its share of each global batch. Evaluation: each worker holds its contiguous part."""
+    takes its share of each global batch. Evaluation: each worker holds its contiguous part.
+
+    ``rows``: the feed's rows as indices into ``images`` (default: all, in order). The training and
+    validation feeds carved from one train split share its single device copy this way: a boolean-mask
+    copy of the whole split (``images[~held_out]``) would double the split in host memory while loading.
+    ``images``/``labels`` may be NumPy arrays or tensors already on ``device`` (not copied again).
+    """
 
     def __init__(
         self,
-        images: np.ndarray,
-        labels: np.ndarray,
+        images: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor,
         batch_size: int,
         rank: int,
         world_size: int,
         device: torch.device,
         shuffle: bool,
         seed: int = 0,
+        rows: np.ndarray | None = None,
     ) -> None:
         self.shuffle, self.seed = shuffle, seed
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        if not shuffle:
+        self.rows = None
+        if rows is None and not shuffle:
             part = rank_slice(len(labels), rank, world_size)
-            images, labels = images[part], labels[part]
-        self.images = torch.from_numpy(images).to(device)
-        self.labels = torch.from_numpy(labels).to(device)
+            images, labels = images[part], labels[part]  # views: only this worker's part reaches the device
+        elif rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            if not shuffle:
+                rows = rows[rank_slice(len(rows), rank, world_size)]
+        self.images = _on(images, device)
+        self.labels = _on(labels, device)
+        if rows is not None:
+            self.rows = torch.from_numpy(rows).to(device)
 
     @classmethod
     def from_split(cls, dataset: PreparedDataset, split: str, *args, **kwargs) -> "InMemoryFeed":
         return cls(*dataset.load_numpy(split), *args, **kwargs)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.labels) if self.rows is None else len(self.rows)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        n = len(self.labels)
+        n = len(self)
         if not self.shuffle:
             for start in range(0, n, self.batch_size):
-                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+                if self.rows is None:
+                    yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+                else:
+                    idx = self.rows[start:start + self.batch_size]
+                    yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
             return
         # Same permutation on every worker (same seed), each takes every world_size-th row of a batch.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         order = order.to(self.images.device)
+        if self.rows is not None:
+            order = self.rows[order]
         for start, end in global_batch_bounds(n, self.batch_size, self.world_size):
             idx = order[start:end][self.rank::self.world_size]
             yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
 
 
+def _on(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    tensor = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(values))
+    return tensor.to(device)
+
+
+def decode_collate(image_shape: tuple[int, int, int]):
+    """The ``collate_fn`` of :meth:`RayDataFeed.batches`: an Arrow batch (``image`` bytes, ``label``) to
+    ``(uint8 NHWC, int64)`` CPU tensors. Ray Data runs it in its prefetching threads, then pins the result and
+    copies it to the device there too (``pin_memory``, ``device``), so the training thread only takes batches."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class DecodeImages(ArrowBatchCollateFn):
+        def __call__(self, batch) -> Batch:
+            images = decode_images(batch.column("image"), image_shape)
+            labels = np.array(batch.column("label").to_numpy(), dtype=np.int64)  # a writable copy (8 B a row)
+            return torch.from_numpy(images), torch.from_numpy(labels)
+
+    return DecodeImages()
+
+
 class RayDataFeed:
+    """A worker's shard of a Ray Data dataset, as device batches.
+
+    Training (``shuffle``): local shuffling, and full batches of ``batch_size`` only: the epoch's last,
+    partial batch is held (on the device, fewer than ``batch_size`` rows) and goes, with the next epoch's
+    last batch, into a full one (:func:`epoch_steps`). With the equal split of :func:`split_data_config`
+    every worker then takes the same steps with the same shapes. Evaluation: every row once, in batches of
+    ``batch_size`` and a smaller last one.
+    """
+
     def __init__(
         self,
         shard,
@@ -89,30 +173,46 @@ class RayDataFeed:
         device: torch.device,
         shuffle: bool,
         seed: int = 0,
+        prefetch_batches: int = 4,
     ) -> None:
         self.shard, self.image_shape = shard, tuple(image_shape)
-        self.batch_size, self.device, self.shuffle, self.seed = batch_size, device, shuffle, seed
+        self.batch_size, self.device, self.shuffle, self.seed = batch_size, torch.device(device), shuffle, seed
+        self.prefetch_batches = prefetch_batches
+        self.carry: Batch | None = None  # training rows rolled over into the next epoch
 
-    def batches(self, epoch: int) -> Iterator[Batch]:
+    def _stream(self, epoch: int) -> Iterator[Batch]:
         shuffle_args = {}
         if self.shuffle:
             shuffle_args = {"local_shuffle_buffer_size": 4 * self.batch_size,
                             "local_shuffle_seed": self.seed * 100_003 + epoch}
-        for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
-                                             prefetch_batches=2, **shuffle_args):
-            images = decode_images(batch["image"], self.image_shape)
-            pin = self.device.type == "cuda"
-            x = torch.from_numpy(images)
-            y = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
-            if pin:
-                x, y = x.pin_memory(), y.pin_memory()
-            yield x.to(self.device, non_blocking=pin), y.to(self.device, non_blocking=pin)
+        cuda = self.device.type == "cuda"
+        return self.shard.iter_torch_batches(
+            batch_size=self.batch_size, collate_fn=decode_collate(self.image_shape), device=self.device,
+            pin_memory=cuda, prefetch_batches=self.prefetch_batches, drop_last=False, **shuffle_args)
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        if not self.shuffle:
+            yield from self._stream(epoch)
+            return
+        b = self.batch_size
+        for images, labels in self._stream(epoch):
+            if len(labels) == b:
+                yield images, labels
+                continue
+            # Only an epoch's last batch is short: join it to the rows carried over (one copy per epoch).
+            if self.carry is not None:
+                images, labels = torch.cat([self.carry[0], images]), torch.cat([self.carry[1], labels])
+            if len(labels) >= b:
+                yield images[:b], labels[:b]
+                images, labels = images[b:], labels[b:]
+            self.carry = (images, labels) if len(labels) else None
 
 
 def ray_datasets(dataset: PreparedDataset, world_size: int, val_split: tuple[np.ndarray, int] | None = None,
                  splits=("train", "test")) -> dict:
-    """Ray Data datasets over the Parquet shards, cut into enough blocks that an unequal split
-    (which deals whole blocks to workers) still gives every worker a near-equal share.
+    """Ray Data datasets over the Parquet shards, cut into enough blocks that the unequal split of the
+    evaluation splits (which deals whole blocks to workers) still gives every worker a near-equal share, and
+    that the equal split of ``train`` (:func:`split_data_config`) needs to hold back little to equalize.
 
     ``val_split`` (validation keys, key seed; see :mod:`pipeline.val_split`): the train shards are
     read twice, once keeping the training rows as ``train`` and once the held-out rows as ``val``.
@@ -132,23 +232,27 @@ def ray_datasets(dataset: PreparedDataset, world_size: int, val_split: tuple[np.
     return out
 
 
-def unequal_split_data_config():
-    """A Ray Train ``DataConfig`` that splits without dropping rows (``equal=False``).
+def split_data_config():
+    """A Ray Train ``DataConfig``: the ``train`` split cut into equal shards, every other split without
+    dropping a row.
 
-    Ray's default splits with ``equal=True``, which may drop rows to make shards equal; we want
-    every sample exactly once per epoch, and handle unequal shards with DDP's ``join``.
+    ``train``: ``streaming_split(equal=True)`` gives every worker exactly ``floor(rows / workers)`` rows per
+    epoch (Ray drops the at most ``workers - 1`` rows left over), so that every worker takes the same steps
+    (see the module's docstring). Evaluation splits (``val``, ``test``): ``equal=False``, every row exactly
+    once; evaluation runs no collective per batch, so unequal shards are fine there.
     """
     from ray.train import DataConfig
 
-    class UnequalSplitDataConfig(DataConfig):
+    class SplitDataConfig(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             output = [{} for _ in range(world_size)]
             hints = worker_node_ids if self._enable_shard_locality else None
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
-                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                equal = name == "train"
+                for i, split in enumerate(ds.streaming_split(world_size, equal=equal, locality_hints=hints)):
                     output[i][name] = split
             return output
 
-    return UnequalSplitDataConfig()
+    return SplitDataConfig()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import re
 import tempfile
@@ -55,7 +54,9 @@ class Evaluation:
     source: str  # what the user named
     model_uri: str  # what it resolved to (a registered version, a URI, an absolute path)
     spec: dict[str, Any]
-    dataset: str
+    dataset: str  # its name
+    data_path: str
+    data_digest: str  # tracking.dataset_digest: which content was measured
     split: str
     rows: int
     top1: float
@@ -177,7 +178,8 @@ def evaluate(source: str, data: str | Path, split: str = "test", batch_size: int
     model, spec, uri = load_model(source, dataset, arch)
     logits = predict(model, images, dataset.mean, dataset.std, batch_size)
     measured = summarize(logits, labels, dataset.classes)
-    return Evaluation(source=source, model_uri=uri, spec=spec, dataset=dataset.name, split=split, rows=len(labels),
+    return Evaluation(source=source, model_uri=uri, spec=spec, dataset=dataset.name, data_path=str(dataset.root),
+                      data_digest=tracking.dataset_digest(dataset.manifest), split=split, rows=len(labels),
                       classes=list(dataset.classes), wall_s=time.perf_counter() - start, **measured)
 
 
@@ -223,6 +225,7 @@ def log_evaluation(result: Evaluation, uri: str, experiment: str | None = None, 
     experiment_id)``. Without ``experiment``, the run goes beside the model's own run (else ``stkd``)."""
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
 
     from pipeline.config import DEFAULTS
 
@@ -233,7 +236,7 @@ def log_evaluation(result: Evaluation, uri: str, experiment: str | None = None, 
     if experiment is None and source_run:
         try:
             experiment_id = client.get_run(source_run).info.experiment_id
-        except mlflow.exceptions.MlflowException:  # a checkpoint's run in another store
+        except MlflowException:  # a checkpoint's run in another store
             experiment_id = None
     if experiment_id is None:
         experiment_id = tracking.experiment_id(client, experiment or DEFAULTS["mlflow"]["experiment"])
@@ -248,6 +251,7 @@ def log_evaluation(result: Evaluation, uri: str, experiment: str | None = None, 
     status = "FAILED"
     try:
         all_params = {"model.arch": result.spec["name"], "model.num_classes": result.spec["num_classes"],
+                      "data.path": result.data_path, "data.name": result.dataset, "data.digest": result.data_digest,
                       "eval.split": result.split, "eval.rows": result.rows, "eval.ece_bins": len(result.bins),
                       "eval.precision": "fp32", "eval.device": "cpu", **(params or {})}
         now = int(time.time() * 1000)
@@ -386,7 +390,8 @@ def class_table(result: Evaluation, width: int = 100) -> list[str]:
 
 def report(result: Evaluation) -> list[str]:
     k = min(TOP_K, len(result.classes))
-    return [f"{result.source} -> {result.model_uri}: {result.spec['name']}, {result.spec['num_classes']} classes",
+    named = result.source if result.source == result.model_uri else f"{result.source} -> {result.model_uri}"
+    return [f"{named}: {result.spec['name']}, {result.spec['num_classes']} classes",
             f"{result.dataset} {result.split} split, {result.rows} images, fp32 on the CPU, {result.wall_s:.1f} s",
             f"top-1 {result.top1:.2f}%   top-{k} {result.top5:.2f}%   ECE {result.ece:.4f} "
             f"({len(result.bins)} equal-width bins, fraction)   NLL {result.nll:.4f} nats",
@@ -415,7 +420,7 @@ def run_cli(args: argparse.Namespace) -> int:
     result = evaluate(args.model, args.data, args.split, args.batch_size, args.val_fraction, args.val_seed, args.arch)
     print("\n".join(report(result)))
     uri = tracking.tracking_uri()
-    params = {"data.path": str(Path(args.data).expanduser().resolve()), "eval.batch_size": args.batch_size,
+    params = {"eval.batch_size": args.batch_size,
               **({"eval.val_fraction": args.val_fraction, "eval.val_seed": args.val_seed}
                  if args.split == "val" else {})}
     run_id, experiment_id = log_evaluation(result, uri, args.experiment, params)

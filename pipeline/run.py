@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from pipeline import checkpoint, config as config_lib, progress, teacher_store, tracking, val_split
+from pipeline import checkpoint, config as config_lib, progress, system_metrics, teacher_store, tracking, val_split
 from pipeline.dataset import PreparedDataset
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,13 @@ class Outcome:
     checkpoint_path: str
     history: list[dict[str, float]] = field(default_factory=list)
     model_uri: str | None = None
+    ece_selected: float = float("nan")  # test-split expected calibration error (fraction) at the selected epoch
     phases: dict[str, float] = field(default_factory=dict)  # seconds the driver spent in each part of the run
 
     def final_metrics(self) -> dict[str, float]:
         out = {"final/test_top1_selected": self.selected_top1, "final/test_top1_last": self.last_top1,
                "final/selected_epoch": self.selected_epoch, "final/wall_time_s": self.wall_time_s,
+               "final/ece_selected": self.ece_selected,
                # The literature's figure (best epoch on the test split): optimistic, never used to choose.
                "final/test_top1_best_epoch_optimistic": max(h["test/top1"] for h in self.history
                                                              if "test/top1" in h)}
@@ -126,7 +128,13 @@ def load_teacher(config: dict[str, Any], info: dict[str, Any]) -> Teacher:
             f"teacher {uri} was trained for {spec['num_classes']} classes and {spec['in_channels']} channels; "
             f"dataset {info['path']} has {info['num_classes']} classes and {info['image_shape'][2]} channels")
     accuracy = None
-    if config["teacher"]["evaluate"]:
+    recorded = teacher_store.recorded_accuracy(uri, info["digest"]) if config["teacher"]["evaluate"] else None
+    if recorded is not None:
+        # Measured on this very test split (same shard checksums) when it was registered: no second pass.
+        accuracy = recorded
+        log.info("teacher %s (%s): test top-1 %.2f%% (recorded on its version for this dataset)", uri, spec["name"],
+                 accuracy)
+    elif config["teacher"]["evaluate"]:
         model = checkpoint.build_model(spec)
         model.load_state_dict(state["student"])
         images, labels = PreparedDataset.open(info["path"], verify=False).load_numpy("test")
@@ -140,7 +148,7 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data_feed import ray_datasets, unequal_split_data_config
+    from pipeline.data_feed import ray_datasets, split_data_config
     from pipeline.train_loop import train_loop_per_worker
 
     train_cfg = config["train"]
@@ -153,7 +161,7 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
         info = loop_context["dataset_info"]
         val = (info["val_keys"], config["data"]["val_seed"]) if info["val_keys"] is not None else None
         datasets = ray_datasets(dataset, train_cfg["workers"], val)
-        data_config = unequal_split_data_config()
+        data_config = split_data_config()
     storage = train_cfg["storage_path"]
     if "://" not in storage:
         storage = str(Path(storage).resolve())
@@ -215,7 +223,7 @@ def train(
         tags.update({"teacher_uri": teacher.uri, "teacher_model": teacher.spec["name"],
                      "teacher_object_id": teacher.ref.hex()})
         if teacher.accuracy is not None:
-            tags["teacher_test_top1"] = f"{teacher.accuracy:.2f}"
+            tags["teacher_test_top1"] = f"{teacher.accuracy:.{teacher_store.ACCURACY_DIGITS}f}"
     start = time.perf_counter()
     with tracking.tracked_run(uri, config["mlflow"]["experiment"], run_name, config_lib.flatten(config), tags,
                               parent_run_id, resume_run_id) as run_id:
@@ -225,7 +233,9 @@ def train(
             "train_rows": info["train_rows"], "val_rows": info["val_rows"], "test_rows": info["test_rows"],
             "val_fraction": config["data"]["val_fraction"], "val_seed": config["data"]["val_seed"],
             "num_classes": info["num_classes"], "image_shape": info["image_shape"]})
-        loop_context = {"config": config, "dataset_info": info, "teacher_ref": teacher.ref if teacher else None}
+        # The run's id and store reach the workers, whose local rank 0 logs its node's hardware use into the run.
+        loop_context = {"config": config, "dataset_info": info, "teacher_ref": teacher.ref if teacher else None,
+                        "mlflow_run_id": run_id, "tracking_uri": uri, "system_metrics": system_metrics.settings()}
         log.info("run %s: %s %s on %s with %d worker(s)", run_name, config["method"]["name"],
                  config["model"]["student"], info["path"], config["train"]["workers"])
         from pipeline.epoch_logger import UNLOGGED_FILE, EpochLogger
@@ -245,6 +255,7 @@ def train(
         outcome = Outcome(run_id=run_id, run_name=run_name, selected_epoch=selection["epoch"],
                           selected_top1=selection["test_top1"], last_top1=state["history"][-1]["test/top1"],
                           val_top1=selection["val_top1"] if info["val_keys"] is not None else None,
+                          ece_selected=selection.get("test_ece", float("nan")),  # absent in older checkpoints
                           wall_time_s=wall, checkpoint_path=result.checkpoint.path, history=state["history"])
         log.info("run %s trained: checkpoint %s", run_name, outcome.checkpoint_path)
         record = {"tracking_uri": uri, "run_id": run_id, "run_name": run_name, "config": config,
@@ -409,7 +420,9 @@ def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, 
                                    "selected_epoch": selected["epoch"], "test_top1": selected["test_top1"]},
                                   image_shape, config["mlflow"]["register_as"])
         if info.registered_model_version is not None:  # its accuracy on the version; `champion` if it is the best
+            manifest = PreparedDataset.open(config["data"]["path"], verify=False).manifest
             teacher_store.record_version(config["mlflow"]["register_as"], info.registered_model_version,
-                                         selected["test_top1"])
+                                         selected["test_top1"],
+                                         {teacher_store.DATA_TAG: tracking.dataset_digest(manifest)})
     return info.model_uri
 

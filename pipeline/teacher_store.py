@@ -25,6 +25,7 @@ URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "fi
 CHAMPION = "champion"  # the registered version with the best test accuracy; moved by `record_version`
 LATEST = "latest"  # MLflow's own alias for the newest version: reserved, never set by hand
 ACCURACY_TAG = "test_top1"  # on each registered version: its test top-1 (%), what `champion` is chosen by
+DATA_TAG = "test_data"  # the digest (tracking.dataset_digest) of the dataset whose test split gave test_top1
 ACCURACY_DIGITS = 4  # the tag's decimals; a new version is compared at this rounding too, so ties stay ties
 
 REGISTERED = re.compile(r"(?:models:/)?([\w.\-]+)(?:/(\d+)|@([\w\-]+))?")
@@ -117,6 +118,21 @@ def record_version(name: str, version: str | int, test_top1: float, tags: dict[s
         log.info("%s version %s: test top-1 %.2f%%, the first champion", name, version, test_top1)
     client.set_registered_model_alias(name, CHAMPION, version)
     return version
+
+
+def recorded_accuracy(uri: str, data_digest: str, client=None) -> float | None:
+    """The test top-1 recorded on registered version ``uri`` (``models:/name/N``) when it was measured on
+    the dataset with ``data_digest``; None for anything else (a path, another dataset, no record)."""
+    match = re.fullmatch(r"models:/([\w.\-]+)/(\d+)", uri)
+    if match is None:
+        return None
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    tags = client.get_model_version(*match.groups()).tags
+    if tags.get(DATA_TAG) != data_digest or ACCURACY_TAG not in tags:
+        return None
+    return float(tags[ACCURACY_TAG])
 
 
 def fetch(source: str) -> tuple[dict[str, Any], str]:

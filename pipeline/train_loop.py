@@ -8,7 +8,6 @@ MLflow through ``pipeline.epoch_logger`` on the controller.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import tempfile
@@ -19,21 +18,33 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, teacher_store
-from pipeline.data_feed import InMemoryFeed, RayDataFeed
+from pipeline import checkpoint, system_metrics, teacher_store
+from pipeline import memory_check
+from pipeline.data_feed import InMemoryFeed, RayDataFeed, per_worker_batch, sync_bn_pays
 from pipeline.dataset import PreparedDataset
-from stkd import methods, models, precision
+from stkd import calibration, methods, models, precision
 from stkd.augment import channel_stats, nhwc_to_nchw, normalize, random_crop_flip
 from stkd.training import eval_logits, scaled_train_step, train_step
 
 log = logging.getLogger(__name__)
 
 
-def resolve_sync_bn(value: bool | str, device: torch.device, world: int) -> bool:
-    """``train.sync_bn``: ``auto`` is on with CUDA and more than one worker. PyTorch's SyncBatchNorm
-    runs on GPUs only, so on the CPU each worker's BatchNorm keeps its own statistics (the config check
-    refuses ``true`` without ``train.use_gpu``)."""
-    return device.type == "cuda" and world > 1 if value == "auto" else bool(value)
+def resolve_sync_bn(value: bool | str, device: torch.device, world: int, per_worker_batch: int | None = None) -> bool:
+    """``train.sync_bn``: ``auto`` is on with CUDA, more than one worker and a per-GPU batch small enough
+    that its BatchNorm statistics get noisy (below ``pipeline.data_feed.SYNC_BN_BELOW`` = 32 samples; the
+    reasoning is there); an unknown batch (``None``) counts as small. PyTorch's SyncBatchNorm runs on GPUs
+    only, so on the CPU each worker's BatchNorm keeps its own statistics (the config check refuses ``true``
+    without ``train.use_gpu``, and SyncBatchNorm with ``train.compile``)."""
+    if value != "auto":
+        return bool(value)
+    return device.type == "cuda" and world > 1 and (per_worker_batch is None or sync_bn_pays(per_worker_batch))
+
+
+def ddp_kwargs(sync_bn: bool) -> dict[str, Any]:
+    """DistributedDataParallel's options (``prepare_model(parallel_strategy_kwargs=...)``). With SyncBatchNorm
+    every rank computes the same global-batch statistics, so its running stats agree without DDP's
+    broadcast of rank 0's buffers before every forward, which would only add a collective per step."""
+    return {"broadcast_buffers": False} if sync_bn else {}
 
 
 def build_student(spec: dict[str, Any], device: torch.device, channels_last: bool, sync_bn: bool) -> torch.nn.Module:
@@ -54,11 +65,22 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+GENERATOR_STREAMS = ("augment", "method")
+
+
+def generator_seed(seed: int, rank: int, stream: int) -> int:
+    """A 64-bit seed for one (run seed, rank, stream): ``numpy.random.SeedSequence`` hashes the three, so no
+    two of them share a stream (``seed * 104_729 + rank`` and ``seed * 7919 + rank`` were equal at seed 0)."""
+    entropy = [seed % 2**64, rank, stream]  # SeedSequence takes non-negative integers
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
 def make_generators(device: torch.device, seed: int, rank: int) -> dict[str, torch.Generator]:
     """This rank's generators on the training device: ``augment`` (crop offsets, flips) and ``method``
-    (mixup). Drawing on the device keeps host copies out of the step; their states go in checkpoints."""
-    return {"augment": torch.Generator(device=device).manual_seed(seed * 104_729 + rank),
-            "method": torch.Generator(device=device).manual_seed(seed * 7919 + rank)}
+    (mixup), each with its own seed from (seed, rank, stream). Drawing on the device keeps host copies out
+    of the step; their states go in checkpoints."""
+    return {name: torch.Generator(device=device).manual_seed(generator_seed(seed, rank, stream))
+            for stream, name in enumerate(GENERATOR_STREAMS)}
 
 
 class Step:
@@ -158,20 +180,33 @@ def restore_rng(generators: dict[str, torch.Generator], rng: dict[str, Any], ran
 
 
 def make_feeds(config, info, rank, world, device):
-    """Train, validation (None without a validation split) and test feeds for this worker."""
+    """Train, validation (None without a validation split) and test feeds for this worker.
+
+    In memory: the memory check first (``pipeline.memory_check``: refuses, with the numbers, a split that
+    this worker's GPU or host cannot hold), then the train split goes to the device once and the training
+    and validation feeds take their rows from that one copy by index. Every shape the feeds give is one of a
+    handful fixed for the run (equal per-worker batches, see ``pipeline.data_feed``), so on CUDA cuDNN's
+    autotuner (``cudnn.benchmark``) runs once per shape and picks the fastest convolution algorithms."""
     data, optim, seed = config["data"], config["optim"], config["train"]["seed"]
     val_keys = info.get("val_keys")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     if data["in_memory"]:
+        memory_check.check_in_memory(config, info, world, device)
         dataset = PreparedDataset.open(info["path"], verify=False)
         images, labels = dataset.load_numpy("train")
-        val = None
+        train_rows = val = None
         if val_keys is not None:
             held_out = np.zeros(len(labels), dtype=bool)
             held_out[info["val_positions"]] = True  # carved on the driver from the same rows in the same order
-            val = InMemoryFeed(images[held_out], labels[held_out], data["eval_batch_size"], rank, world, device,
-                               shuffle=False)
-            images, labels = images[~held_out], labels[~held_out]
-        train = InMemoryFeed(images, labels, optim["batch_size"], rank, world, device, shuffle=True, seed=seed)
+            train_rows, val_rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+        images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)  # once
+        if val_keys is not None:
+            val = InMemoryFeed(images, labels, data["eval_batch_size"], rank, world, device, shuffle=False,
+                               rows=val_rows)
+        train = InMemoryFeed(images, labels, optim["batch_size"], rank, world, device, shuffle=True, seed=seed,
+                             rows=train_rows)
+        del images, labels  # the host arrays go before the test split loads (on a GPU worker)
         test = InMemoryFeed.from_split(dataset, "test", data["eval_batch_size"], rank, world, device, shuffle=False)
         return train, val, test
     import ray.train
@@ -179,7 +214,9 @@ def make_feeds(config, info, rank, world, device):
     def shard_feed(split, batch_size, shuffle):
         return RayDataFeed(ray.train.get_dataset_shard(split), info["image_shape"], batch_size, device, shuffle, seed)
 
-    train = shard_feed("train", max(optim["batch_size"] // world, 1), True)
+    # Equal per-worker batches (the config check makes optim.batch_size divide over the workers), equal rows
+    # per worker (pipeline.data_feed.split_data_config): every worker takes the same steps, without DDP's join.
+    train = shard_feed("train", per_worker_batch(optim["batch_size"], world), True)
     val = shard_feed("val", data["eval_batch_size"], False) if val_keys is not None else None
     return train, val, shard_feed("test", data["eval_batch_size"], False)
 
@@ -215,12 +252,14 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
 
 
 def evaluate(model: torch.nn.Module, feed, step: Step, split: str = "test") -> dict[str, float]:
-    """Top-1/top-5 over a whole split: per-worker counts summed across workers, so the result
-    equals a single-process evaluation of rank 0's model. Call ``broadcast_buffers`` first.
-    In fp32 whatever precision training uses, as teachers are (``stkd.training.eval_logits``)."""
+    """Top-1/top-5, expected calibration error (15 bins, a fraction) and NLL over a whole split: per-worker
+    sums added across workers, so the result equals a single-process evaluation of rank 0's model. Call
+    ``broadcast_buffers`` first. In fp32 whatever precision training uses, as teachers are
+    (``stkd.training.eval_logits``)."""
     model.eval()
     device = next(model.parameters()).device
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # top1, top5
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, summed NLL
+    bins = torch.zeros(calibration.DEFAULT_BINS, 3, dtype=torch.float64, device=device)
     seen = 0  # on the host: a tensor made from it per batch would be a host-to-device copy each time
     with torch.inference_mode():
         for images, labels in feed.batches(0):
@@ -228,11 +267,15 @@ def evaluate(model: torch.nn.Module, feed, step: Step, split: str = "test") -> d
             k = min(5, logits.shape[1])
             topk = logits.topk(k, dim=1).indices
             hits = topk == labels[:, None]
-            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
+            nll = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), nll.double()])
+            bins += calibration.calibration_bins(logits, labels)
             seen += len(labels)
     seen_t = torch.tensor([float(seen)], dtype=torch.float64, device=device)
-    top1, top5, seen = all_reduce_sum(torch.cat([counts, seen_t])).tolist()
-    return {f"{split}/top1": 100 * top1 / seen, f"{split}/top5": 100 * top5 / seen, f"{split}/seen": seen}
+    summed = all_reduce_sum(torch.cat([counts, seen_t, bins.flatten()]))
+    top1, top5, nll, seen = summed[:4].tolist()
+    return {f"{split}/top1": 100 * top1 / seen, f"{split}/top5": 100 * top5 / seen, f"{split}/seen": seen,
+            f"{split}/ece": calibration.ece_from_bins(summed[4:].view_as(bins)), f"{split}/nll": nll / seen}
 
 
 class Selection:
@@ -245,12 +288,13 @@ class Selection:
         self.epoch = state.get("epoch", -1)
         self.val_top1 = state.get("val_top1", float("-inf"))
         self.test_top1 = state.get("test_top1", float("nan"))
+        self.test_ece = state.get("test_ece", float("nan"))
         self.weights = state.get("student")
 
     def update(self, epoch: int, metrics: dict[str, float], model: torch.nn.Module, rank: int) -> None:
         if self.has_val and not metrics["val/top1"] > self.val_top1:
             return
-        self.epoch, self.test_top1 = epoch, metrics["test/top1"]
+        self.epoch, self.test_top1, self.test_ece = epoch, metrics["test/top1"], metrics["test/ece"]
         self.val_top1 = metrics.get("val/top1", float("nan"))
         if self.has_val and rank == 0:
             self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -258,7 +302,8 @@ class Selection:
     def metrics(self) -> dict[str, float]:
         if self.epoch < 0:  # nothing evaluated yet
             return {}
-        out = {"selected/epoch": self.epoch, "selected/test_top1": self.test_top1}
+        out = {"selected/epoch": self.epoch, "selected/test_top1": self.test_top1,
+               "selected/test_ece": self.test_ece}
         if self.has_val:
             out["selected/val_top1"] = self.val_top1
         return out
@@ -266,7 +311,8 @@ class Selection:
     def state(self, model: torch.nn.Module) -> dict[str, Any]:
         """For the checkpoint; the weights are the current model's when the last epoch is the selected one."""
         weights = self.weights if self.has_val else model.state_dict()
-        return {"epoch": self.epoch, "val_top1": self.val_top1, "test_top1": self.test_top1, "student": weights}
+        return {"epoch": self.epoch, "val_top1": self.val_top1, "test_top1": self.test_top1,
+                "test_ece": self.test_ece, "student": weights}
 
 
 def train_loop_per_worker(ctx: dict[str, Any]) -> None:
@@ -278,6 +324,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     config, info = ctx["config"], ctx["dataset_info"]
     train_cfg, optim_cfg = config["train"], config["optim"]
     context = ray.train.get_context()
+    monitor = system_metrics.start_in_worker(ctx, context.get_local_rank())  # one per node: its CPU, memory, GPUs
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     seed = train_cfg["seed"]
@@ -286,9 +333,10 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     spec = checkpoint.model_spec(config["model"]["student"], info["num_classes"], info["image_shape"][2])
     precision_name = precision.resolve_for_device(train_cfg["precision"], device)
     channels_last = precision.resolve_channels_last(train_cfg["channels_last"], device.type, precision_name)
-    student = build_student(spec, device, channels_last, resolve_sync_bn(train_cfg["sync_bn"], device, world))
+    sync_bn = resolve_sync_bn(train_cfg["sync_bn"], device, world, per_worker_batch(optim_cfg["batch_size"], world))
+    student = build_student(spec, device, channels_last, sync_bn)
     raw_student = student
-    student = ray.train.torch.prepare_model(student, move_to_device=False)
+    student = ray.train.torch.prepare_model(student, move_to_device=False, parallel_strategy_kwargs=ddp_kwargs(sync_bn))
     if train_cfg["compile"]:
         student = torch.compile(student)
 
@@ -322,7 +370,6 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
 
     train_feed, val_feed, test_feed = make_feeds(config, info, rank, world, device)
     selection = Selection(val_feed is not None, selection_state)
-    uneven = not config["data"]["in_memory"] and world > 1
     epochs = optim_cfg["epochs"]
     setup_time = time.perf_counter() - setup_start
 
@@ -332,10 +379,10 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         lr = optimizer.param_groups[0]["lr"]
         sums = EpochSums(method.term_names(), device)
         start = time.perf_counter()
-        join = student.join() if uneven and hasattr(student, "join") else contextlib.nullcontext()
-        with join:
-            for images, labels in train_feed.batches(epoch):
-                train_batch(method, optimizer, step, images, labels, amp, sums)
+        # Every worker takes the same steps (pipeline.data_feed), so no DDP join, whose shadow all-reduces
+        # cannot stand in for SyncBatchNorm's collectives (issue 23: a hang until the NCCL timeout).
+        for images, labels in train_feed.batches(epoch):
+            train_batch(method, optimizer, step, images, labels, amp, sums)
         scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -379,6 +426,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         if rank == 0:  # the driver prints each epoch (pipeline.progress); this is for the worker's log file
             log.debug("epoch %d/%d %s", epoch + 1, epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+    system_metrics.stop(monitor)
 
 
 def gather_rng_states(generators: dict[str, torch.Generator], world: int, device: torch.device) -> dict:
@@ -400,6 +448,25 @@ def gather_rng_states(generators: dict[str, torch.Generator], world: int, device
     return out
 
 
+def map_tensors(value: Any, fn) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it, through dicts, lists and tuples (types kept)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return type(value)((k, map_tensors(v, fn)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        items = [map_tensors(v, fn) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def state_to_cpu(state: Any) -> Any:
+    """A training state with every tensor on the CPU (weights, optimizer moments, scaler): a checkpoint
+    of CUDA tensors loads only where that GPU exists, unless every reader passes ``map_location``. CPU
+    tensors are kept as they are; ``load_state_dict`` copies them back to where the parameters live."""
+    return map_tensors(state, lambda t: t if t.device.type == "cpu" else t.detach().to("cpu"))
+
+
 def report_with_checkpoint(metrics: dict[str, float], state: dict[str, Any], rank: int) -> None:
     import ray.train
 
@@ -407,7 +474,7 @@ def report_with_checkpoint(metrics: dict[str, float], state: dict[str, Any], ran
         checkpoint_obj = None
         if rank == 0:
             start = time.perf_counter()
-            checkpoint.save(state, directory)
+            checkpoint.save(state_to_cpu(state), directory)
             checkpoint_obj = ray.train.Checkpoint.from_directory(directory)
             metrics = {**metrics, "checkpoint_time_s": time.perf_counter() - start}
         ray.train.report(metrics, checkpoint=checkpoint_obj)

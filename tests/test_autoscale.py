@@ -19,12 +19,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 SPACE = "method: ce\nparameters:\n  optim.lr: {distribution: grid, values: [0.05, 0.1]}\n"
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, every: float = 1.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(1)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
@@ -42,7 +42,9 @@ def test_sweep_waits_for_a_node_and_runs_when_it_joins(digits, tmp_path):
                  f"train.storage_path={tmp_path / 'runs'}", "train.workers=1", "train.cpus_per_worker=2",
                  "optim.epochs=1"],
                 env=cluster.client_env(MLFLOW_TRACKING_URI=uri), stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: "wait for resources ({'CPU': 2.0} each" in log.read_text() or driver.poll() is not None,
+        # A first summary may still say "1 running ... 1 pending": wait for the line with both running.
+        wait_for(lambda: ("wait for resources ({'CPU': 2.0} each" in log.read_text()
+                          and "trials: 2 running, 0 finished" in log.read_text()) or driver.poll() is not None,
                  240, "the progress line to say what the trials wait for")
         assert driver.poll() is None, log.read_text()
         assert "trials: 2 running, 0 finished" in log.read_text(), "both trials run, their workers wait: no cap"

@@ -68,17 +68,22 @@ def ray_data_probe(ctx):
     for split, shuffle in (("train", True), ("val", False), ("test", False)):
         feed = RayDataFeed(ray.train.get_dataset_shard(split), ctx["shape"], 8, torch.device("cpu"), shuffle, 0)
         for epoch in range(2 if shuffle else 1):
-            out[f"{split}{epoch}"] = [d for images, _ in feed.batches(epoch) for d in digest(images)]
+            batches = list(feed.batches(epoch))
+            out[f"{split}{epoch}"] = [d for images, _ in batches for d in digest(images)]
+            out[f"{split}{epoch}_sizes"] = [len(labels) for _, labels in batches]
+            out[f"{split}{epoch}_carried"] = digest(feed.carry[0]) if feed.carry is not None else []
     Path(ctx["out"], f"rank{rank}.json").write_text(json.dumps(out))
 
 
 @pytest.mark.slow
 def test_ray_data_round_trip_with_two_workers_exactly_once(ray_session, unique_images, tmp_path):
+    """Evaluation splits: every row once. Train: full batches of 8 only, the same on both workers, an epoch's
+    last few rows rolled over into the next (54 rows = 2 workers x 27 = 2 x (3 x 8 + 3))."""
     from ray import cloudpickle
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data_feed import ray_datasets, unequal_split_data_config
+    from pipeline.data_feed import ray_datasets, split_data_config
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     from pipeline import val_split
@@ -90,14 +95,20 @@ def test_ray_data_round_trip_with_two_workers_exactly_once(ray_session, unique_i
     datasets = ray_datasets(ds, 2, (split.keys, 5))
     trainer = TorchTrainer(ray_data_probe, train_loop_config={"shape": list(ds.image_shape), "out": str(tmp_path)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                           datasets=datasets, dataset_config=unequal_split_data_config())
+                           datasets=datasets, dataset_config=split_data_config())
     trainer.fit()
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     train_digests = np.array(all_digests(unique_images, "train"))
     expected = {"train": sorted(train_digests[~held_out]), "val": sorted(train_digests[held_out]),
                 "test": sorted(all_digests(unique_images, "test"))}
     assert len(expected["val"]) == 15
-    for key, split in (("train0", "train"), ("train1", "train"), ("val0", "val"), ("test0", "test")):
+    for key, split in (("val0", "val"), ("test0", "test")):
         seen = per_rank[0][key] + per_rank[1][key]
         assert sorted(seen) == expected[split], key
         assert per_rank[0][key] and per_rank[1][key], "both workers got rows"
+    trained = per_rank[0]["train0"] + per_rank[1]["train0"]
+    carried = per_rank[0]["train0_carried"] + per_rank[1]["train0_carried"]
+    assert sorted(trained + carried) == expected["train"], "epoch 0: every training row trained or carried on"
+    for r in per_rank:
+        assert r["train0_sizes"] == [8, 8, 8] and len(r["train0_carried"]) == 3
+        assert r["train1_sizes"] == [8, 8, 8] and len(r["train1_carried"]) == 6  # 3 carried + 27 = 3 x 8 + 6

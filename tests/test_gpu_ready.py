@@ -1,13 +1,9 @@
 """The CUDA path without a GPU: resume onto a non-CPU device, device generators that resume exactly,
-SyncBatchNorm's switch, the fp32 evaluation policy, and the GPU benchmark's CPU mode. The tests marked
+SyncBatchNorm's switch and the fp32 evaluation policy (the GPU benchmark's CPU mode: tests/test_gpu_check.py). The tests marked
 "needs CUDA" are the GPU-only checks: they run wherever CUDA is available and are skipped here."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +20,6 @@ from stkd import methods, models
 from stkd.mixup import mix
 from stkd.precision import Precision
 
-ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 OPTIM = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False, "epochs": 4, "schedule": "multistep",
          "milestones": [2], "gamma": 0.1, "warmup_epochs": 0}
@@ -192,20 +187,6 @@ def test_students_and_teachers_are_evaluated_alike_in_fp32():
         teacher_top1 = teacher_store.accuracy(model, images, labels, mean, std, batch_size=16)
     assert dtypes and set(dtypes) == {torch.float32}
     assert student_top1 == pytest.approx(teacher_top1, abs=1e-9)
-
-
-def test_gpu_benchmark_cpu_smoke(tmp_path):
-    env = {**os.environ, "STKD_BENCH_RESULTS": str(tmp_path)}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_throughput.py"), "--cpu-smoke"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_throughput_cpu_smoke.json").read_text())
-    assert result["settings"]["device"] == "cpu" and result["settings"]["smoke"] is True
-    assert set(result["results"]) == {"resnet56->resnet20", "resnet32x4->resnet8x4"}
-    for pair in result["results"].values():
-        for loop in ("classic", "project"):
-            assert pair[loop]["images_per_s"] > 0 and pair[loop]["images"] > 0
-        assert pair["speedup"] == pytest.approx(pair["project"]["images_per_s"] / pair["classic"]["images_per_s"])
 
 
 @needs_cuda

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint, config, run, teacher_store
+from stkd.precision import resolve_for_device
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +59,20 @@ def test_teacher_run_finished_with_metrics_artifacts_and_checkpoint(teacher_run,
     assert Path(teacher_run.checkpoint_path, checkpoint.CHECKPOINT_FILE).is_file()
     versions = c.search_model_versions("name='teacher-test-digits'")
     assert versions, "teacher registered"
+    mine = next(v for v in versions if v.run_id == teacher_run.run_id)
+    assert mine.tags[teacher_store.DATA_TAG] == dataset_input.dataset.digest  # its accuracy's dataset
+    # What the workers resolved train.precision=auto to on this machine, and where they trained.
+    expected = resolve_for_device("auto", torch.device("cpu"))
+    assert r.data.tags["hardware.precision"] == expected
+    assert r.data.tags["hardware.memory_format"] == ("channels_last" if expected == "bf16" else "contiguous")
+    assert r.data.tags["hardware.device"].endswith("(cpu)")
+    # Calibration beside accuracy, and the node's CPU and memory over the run (one monitor per node).
+    assert 0 <= r.data.metrics["final/ece_selected"] <= 1
+    assert r.data.metrics["final/ece_selected"] == c.get_metric_history(teacher_run.run_id, "test/ece")[-1].value
+    system = {k for k in r.data.metrics if k.startswith("system/")}
+    assert any(k.endswith("/cpu_utilization_percentage") for k in system), sorted(r.data.metrics)
+    assert any(k.endswith("/system_memory_usage_megabytes") for k in system)
+    assert len({k.split("/")[1] for k in system}) == 1, "two workers on one node: one monitor"
     assert teacher_run.selected_top1 > 20  # 3 epochs on digits beats chance (10%) by far
     # No validation split: the selected epoch is the last, and nothing is chosen on test.
     assert teacher_run.selected_epoch == 2 and teacher_run.val_top1 is None
@@ -110,12 +125,16 @@ def test_evaluation_every_n_epochs_and_always_the_last(ray_session, mlflow_uri, 
 def test_distill_with_registered_teacher(teacher_run, mlflow_uri, tiny_overrides):
     cfg = config.load("test_tiny", tiny_overrides + [
         "method.name=stkd", "teacher.source=teacher-test-digits", "method.mixup_alpha=0.4", "optim.epochs=1",
-        "data.in_memory=false"])  # the streaming Ray Data path, uneven shards under DDP join
+        "data.in_memory=false"])  # the streaming Ray Data path: equal train shards, equal steps per worker
     outcome = run.train(cfg)
     r = client(mlflow_uri).get_run(outcome.run_id)
     assert r.info.status == "FINISHED"
     assert r.data.tags["teacher_uri"].startswith("models:/teacher-test-digits/")
-    assert float(r.data.tags["teacher_test_top1"]) == pytest.approx(teacher_run.selected_top1, abs=0.01)
+    # The driver measures the teacher in one pass, the workers in shards of another batch shape: the last
+    # bits of a near-tied image's logits may differ, so the two accuracies agree within one image.
+    teacher_top1 = r.data.metrics["teacher/test_top1"]
+    assert r.data.tags["teacher_test_top1"] == f"{teacher_top1:.4f}"
+    assert teacher_top1 == pytest.approx(teacher_run.selected_top1, abs=100 / 360 + 1e-9)
     assert {"loss/ce", "loss/kd", "loss/total"} <= set(r.data.metrics)
     # The logged student loads back through MLflow.
     model = mlflow.pytorch.load_model(outcome.model_uri)
@@ -151,7 +170,7 @@ def raylet_children(pattern: str) -> list[int]:
 
 
 def test_resume_after_a_worker_is_killed(ray_session, mlflow_uri, tiny_overrides):
-    epochs = 6
+    epochs = 10  # room for the kill to land mid-run on a fast machine
     cfg = config.load("test_tiny", tiny_overrides + [f"optim.epochs={epochs}", "train.max_failures=2",
                                                      "train.checkpoint_every=1",
                                                      f"train.run_name=test-resume-{uuid.uuid4().hex[:6]}"])
@@ -172,6 +191,7 @@ def test_resume_after_a_worker_is_killed(ray_session, mlflow_uri, tiny_overrides
         time.sleep(0.2)
     assert killed, "never saw the run reach epoch 2"
     thread.join(timeout=300)
+    assert not thread.is_alive(), "training did not finish within 300 s of the kill"
     result = outcome["result"]
     epochs_logged = [m.step for m in c.get_metric_history(result.run_id, "test/top1")]
     assert epochs_logged == list(range(epochs)), "every epoch logged exactly once"

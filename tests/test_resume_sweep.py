@@ -19,7 +19,7 @@ except ImportError:  # tests/ on sys.path (pytest's default rootdir handling)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-EPOCHS = 8
+EPOCHS = 12  # room for the kill to land mid-run on a fast machine
 CHECKPOINT_EVERY = 2
 
 
@@ -48,7 +48,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(digits, tmp_path):
             driver = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
         # Past the first checkpoint (after epoch CHECKPOINT_EVERY) and into the next stretch.
         wait_for(lambda: len(epochs_logged()) > CHECKPOINT_EVERY or driver.poll() is not None, 180,
-                 "the trial to pass its first checkpoint")
+                 "the trial to pass its first checkpoint", every=0.2)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         killed_after = len(epochs_logged())

@@ -106,3 +106,14 @@ def test_a_registered_teacher_run_records_its_accuracy_and_becomes_champion(teac
 def test_a_logged_model_uri_is_not_taken_for_a_registered_name():
     uri = "models:/m-0fecd43aa41f4a0a848bf0ae3d06790e"
     assert teacher_store.resolve_uri(uri) == uri
+
+
+def test_a_version_measured_on_the_same_dataset_gives_its_accuracy_without_a_second_pass(registry):
+    client, name, add = registry
+    version = add()
+    teacher_store.record_version(name, version, 91.25, {teacher_store.DATA_TAG: "digest-a"}, client=client)
+    assert teacher_store.recorded_accuracy(f"models:/{name}/{version}", "digest-a", client) == 91.25
+    # Another dataset (other shard checksums), a path, an unrecorded version: measured again.
+    assert teacher_store.recorded_accuracy(f"models:/{name}/{version}", "digest-b", client) is None
+    assert teacher_store.recorded_accuracy("/some/checkpoint", "digest-a", client) is None
+    assert teacher_store.recorded_accuracy(f"models:/{name}/{add()}", "digest-a", client) is None
