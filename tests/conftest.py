@@ -68,6 +68,37 @@ def tiny_overrides(digits, session_dir) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def digits_resnet8(digits) -> dict:
+    """A resnet8 state dict after 20 SGD steps on digits (plain torch, one thread, no Ray): far better
+    than chance, in seconds, and still miscalibrated enough for ECE to be far from 0."""
+    import torch
+
+    from pipeline.dataset import PreparedDataset
+    from stkd import models
+    from stkd.augment import nhwc_to_nchw, normalize
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dataset = PreparedDataset.open(digits)
+        images, labels = dataset.load_numpy("train")
+        x = normalize(nhwc_to_nchw(torch.from_numpy(images)), dataset.mean, dataset.std)
+        y = torch.from_numpy(labels).long()
+        torch.manual_seed(0)
+        model = models.create("resnet8", 10, in_channels=1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(20):
+            batch = torch.randint(0, len(x), (64,))
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return model.state_dict()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
 def teacher_run(ray_session, mlflow_uri, tiny_overrides):
     """A ce teacher on digits, registered in MLflow as ``teacher-test-digits``; shared by the Ray tests."""
     from pipeline import config, run

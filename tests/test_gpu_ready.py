@@ -5,7 +5,6 @@ SyncBatchNorm's switch and the fp32 evaluation policy (the GPU benchmark's CPU m
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest

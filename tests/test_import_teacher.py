@@ -13,7 +13,6 @@ import torch
 from pipeline import cli, import_teacher, teacher_store
 from pipeline.dataset import PreparedDataset
 from stkd import models
-from stkd.augment import nhwc_to_nchw, normalize
 
 
 class Custom:
@@ -33,22 +32,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def trained(digits, one_thread) -> dict[str, torch.Tensor]:
-    """A resnet8 state dict after 20 SGD steps on digits: far better than chance, in seconds."""
-    dataset = PreparedDataset.open(digits)
-    images, labels = dataset.load_numpy("train")
-    x = normalize(nhwc_to_nchw(torch.from_numpy(images)), dataset.mean, dataset.std)
-    y = torch.from_numpy(labels).long()
-    torch.manual_seed(0)
-    model = models.create("resnet8", 10, in_channels=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(20):
-        batch = torch.randint(0, len(x), (64,))
-        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.state_dict()
+def trained(digits_resnet8) -> dict[str, torch.Tensor]:
+    """A resnet8 state dict after 20 SGD steps on digits (tests/conftest.py)."""
+    return digits_resnet8
 
 
 def fresh(name: str = "resnet8", classes: int = 10, channels: int = 1, seed: int = 1) -> dict[str, torch.Tensor]:
