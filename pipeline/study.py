@@ -18,6 +18,27 @@ A spec::
       stkd-std: {name: stkd, standardize: true}
     seeds: [0, 1, 2]
     overrides: {data.val_fraction: 0.1}      # dotted keys for every run (optional)
+    tune:                                    # optional: tune every (pair, label) first, then run the seeds
+      samples: 6                             # trials per (pair, label), >= 1: the same for every label
+      scheduler: asha                        # fifo (the default) or asha (one ASHA per (pair, label))
+      epochs: 30                             # optional: the tuning budget (default: the seed runs' optim.epochs);
+                                             # multistep milestones move with it (config.with_epochs)
+      spaces:                                # optional, per label: a shipped space name or a path;
+        stkd-std: path/to/space.yaml         # default: the label's method's shipped space (tune_spaces/<method>.yaml)
+
+**Tuning** (with a ``tune:`` section) is a stage before the seeds: one Tune experiment
+(``<study dir>/tuning``) runs ``samples`` trials for every (pair, label), each the label's cell config
+(on the first seed, at the tuning budget) with its space's sampled hyperparameters on top
+(``search_space.apply``, as ``stkd tune``). The label's fixed hyperparameters (those its ``methods:``
+entry sets) stay fixed: a space that searches one is refused, as is a space of another method than the
+label's, and a ``grid`` distribution (it would give one label more trials than another). Each label's
+winner is its trial with the best validation top-1 at its selected epoch (``selected/val_top1``, the
+sweeps' selection metric; errored trials are left out, ties go to the earlier trial); test accuracy is
+not read to choose. The winners are kept in the study's state file (``tune.SWEEP_FILE``), so
+``--resume`` never runs a finished tuning stage again, and the seed runs then train with them. Every
+tuning trial and seed run is a child of the study's parent run, tagged ``stage=tune`` or ``stage=seeds``;
+the table states the budget (trials x epochs per label) and each label's chosen hyperparameters and
+best tuning validation top-1.
 """
 
 from __future__ import annotations
@@ -28,16 +49,20 @@ import json
 import logging
 import re
 import statistics
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 
-from pipeline import config as config_lib, run as run_lib, sweep_progress, tracking, tune
+from pipeline import config as config_lib, run as run_lib, search_space, sweep_progress, tracking, tune
 
 log = logging.getLogger(__name__)
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces" / "studies"
 LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")  # what MLflow accepts in a metric name
+TUNE_KEYS = ("samples", "scheduler", "epochs", "spaces")
+SCHEDULERS = ("fifo", "asha")
+TUNING_DIR = "tuning"  # the tuning stage's Tune experiment, inside the study's folder
 
 
 class StudyError(config_lib.ConfigError):
@@ -54,16 +79,19 @@ def find_study(name_or_path: str | Path) -> Path:
 def load_study(name_or_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read and check a spec, and resolve every cell's config before anything is scheduled.
 
-    Returns ``{"file", "name", "description", "pairs", "methods", "seeds", "configs"}`` where
-    ``configs[(pair, label, seed)]`` is the validated config of that run.
+    Returns ``{"file", "name", "description", "pairs", "methods", "seeds", "configs", "tune",
+    "tune_configs"}`` where ``configs[(pair, label, seed)]`` is the validated config of that run;
+    with a ``tune:`` section, ``tune`` is ``{"samples", "scheduler", "epochs", "spaces": {label: space}}``
+    and ``tune_configs[(pair, label)]`` the config each of that label's tuning trials starts from
+    (both None and empty without one).
     """
     path = find_study(name_or_path)
     where = str(path)
     spec = config_lib.read_mapping(path, StudyError, "pairs, methods and seeds")
-    unknown = set(spec) - {"description", "pairs", "methods", "seeds", "overrides"}
+    unknown = set(spec) - {"description", "pairs", "methods", "seeds", "overrides", "tune"}
     if unknown:
         raise StudyError(f"{where}: unknown top-level key(s) {sorted(unknown)}; "
-                         "expected description, pairs, methods, seeds, overrides")
+                         "expected description, pairs, methods, seeds, overrides, tune")
     pairs, method_specs, seeds = spec.get("pairs"), spec.get("methods"), spec.get("seeds")
     if not isinstance(pairs, list) or not pairs or not all(isinstance(p, str) for p in pairs):
         raise StudyError(f"{where}: pairs: expected a non-empty list of recipe names, got {pairs!r}")
@@ -83,9 +111,11 @@ def load_study(name_or_path: str | Path, overrides: list[str] | None = None) -> 
     extra = spec.get("overrides") or {}
     if not isinstance(extra, dict):
         raise StudyError(f"{where}: overrides: expected a mapping of dotted keys, got {extra!r}")
+    tuning = load_tuning(where, spec["tune"], method_specs) if "tune" in spec else None
     common = [f"{k}={json.dumps(v)}" for k, v in extra.items()] + list(overrides or [])
 
     configs: dict[tuple[str, str, int], dict[str, Any]] = {}
+    tune_configs: dict[tuple[str, str], dict[str, Any]] = {}
     for pair in pairs:
         try:
             base = config_lib.load(pair, common)
@@ -94,17 +124,87 @@ def load_study(name_or_path: str | Path, overrides: list[str] | None = None) -> 
         if base["method"]["name"] != "ce" and not base["teacher"]["source"]:
             raise StudyError(f"{where}: pair {pair!r} names no teacher (teacher.source)")
         base = tune.with_validation_split(base)
+        tune_base = base
+        if tuning and tuning["epochs"] is not None:
+            try:
+                tune_base = config_lib.load(pair, config_lib.with_epochs(common, base, tuning["epochs"]))
+            except config_lib.ConfigError as e:
+                raise StudyError(f"{where}: tune.epochs: pair {pair!r} at {tuning['epochs']} epoch(s): {e}") from None
+            tune_base = tune.with_validation_split(tune_base)
         for label, method in method_specs.items():
             for seed in seeds:
-                cell = config_lib.merge(base, {"train": {"seed": seed}})
-                if method["name"] == "ce":
-                    cell["teacher"]["source"] = None
-                try:
-                    configs[(pair, label, seed)] = config_lib.with_method(cell, method)
-                except config_lib.ConfigError as e:
-                    raise StudyError(f"{where}: methods.{label} on pair {pair!r}: {e}") from None
+                configs[(pair, label, seed)] = cell_config(where, base, pair, label, method, seed)
+            if tuning:  # on the first seed; the seeds then run with the winner
+                tune_configs[(pair, label)] = cell_config(where, tune_base, pair, label, method, seeds[0])
     return {"file": where, "name": path.stem, "description": spec.get("description", ""), "pairs": pairs,
-            "methods": method_specs, "seeds": seeds, "configs": configs}
+            "methods": method_specs, "seeds": seeds, "configs": configs, "tune": tuning,
+            "tune_configs": tune_configs}
+
+
+def cell_config(where: str, base: dict[str, Any], pair: str, label: str, method: dict[str, Any],
+                seed: int) -> dict[str, Any]:
+    cell = config_lib.merge(base, {"train": {"seed": seed}})
+    if method["name"] == "ce":
+        cell["teacher"]["source"] = None
+    try:
+        return config_lib.with_method(cell, method)
+    except config_lib.ConfigError as e:
+        raise StudyError(f"{where}: methods.{label} on pair {pair!r}: {e}") from None
+
+
+def load_tuning(where: str, section: Any, method_specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Check a spec's ``tune:`` section and load every label's space; a StudyError names the key."""
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(section, dict):
+        raise StudyError(f"{where}: tune: expected a mapping {{samples: N, scheduler: fifo|asha, epochs: N, "
+                         f"spaces: {{label: space}}}}, got {section!r}")
+    unknown = set(section) - set(TUNE_KEYS)
+    if unknown:
+        raise StudyError(f"{where}: tune: unknown key(s) {sorted(map(str, unknown))}; expected {', '.join(TUNE_KEYS)}")
+    samples = section.get("samples")
+    if not integer(samples) or samples < 1:
+        raise StudyError(f"{where}: tune.samples: trials per method label, an integer >= 1, got {samples!r}")
+    scheduler = section.get("scheduler", "fifo")
+    if scheduler not in SCHEDULERS:
+        raise StudyError(f"{where}: tune.scheduler: one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    epochs = section.get("epochs")
+    if epochs is not None and (not integer(epochs) or epochs < 1):
+        raise StudyError(f"{where}: tune.epochs: the tuning budget, an integer >= 1 (or absent: the seed runs' "
+                         f"optim.epochs), got {epochs!r}")
+    named = section.get("spaces") or {}
+    if not isinstance(named, dict):
+        raise StudyError(f"{where}: tune.spaces: expected a mapping label -> space (name or path), got {named!r}")
+    for label in named:
+        if label not in method_specs:
+            raise StudyError(f"{where}: tune.spaces.{label}: not a label of methods "
+                             f"({', '.join(map(str, method_specs))})")
+    spaces = {}
+    for label, method in method_specs.items():
+        key = f"tune.spaces.{label}"
+        name = named.get(label, method["name"])
+        if not isinstance(name, str):
+            raise StudyError(f"{where}: {key}: expected a space name or path, got {name!r}")
+        try:
+            space = search_space.load_space(name)
+        except search_space.SpaceError as e:
+            default = "" if label in named else f" (the default: method {method['name']!r}'s shipped space)"
+            raise StudyError(f"{where}: {key}{default}: {e}") from None
+        if space["method"] != method["name"]:
+            raise StudyError(f"{where}: {key}: space {space['file']} trains method {space['method']!r}, but label "
+                             f"{label!r} is method {method['name']!r}")
+        grid = [k for k, s in space["parameters"].items() if s["distribution"] == "grid"]
+        if grid:
+            raise StudyError(f"{where}: {key}: {grid[0]}: a grid multiplies one label's trials, and a study gives "
+                             "every label the same tune.samples trials; use distribution: choice")
+        fixed = sorted({f"method.{k}" for k in method if k != "name"} & set(space["parameters"]))
+        if fixed:
+            raise StudyError(f"{where}: {key}: space {space['file']} searches {', '.join(fixed)}, which "
+                             f"methods.{label} fixes; drop it from methods.{label} or give the label a space "
+                             "without it")
+        spaces[label] = space
+    return {"samples": samples, "scheduler": scheduler, "epochs": epochs, "spaces": spaces}
 
 
 def pair_name(pair: str) -> str:
@@ -131,12 +231,114 @@ def study_trial(params: dict[str, Any], *, configs: dict, teachers: dict, study_
     pair, label, seed = params["cell"]
     config = config_lib.merge(configs[(pair, label, seed)], {})
     teacher = teachers.get(pair) if config["method"]["name"] != "ce" else None
-    tune.train_trial(config, teacher, parent_run_id, study_dir, {"study": study_name, "pair": pair, "variant": label})
+    tune.train_trial(config, teacher, parent_run_id, study_dir,
+                     {"study": study_name, "pair": pair, "variant": label, "stage": "seeds"})
+
+
+def tuning_trial(params: dict[str, Any], *, configs: dict, keys: dict[str, list[str]], teachers: dict,
+                 study_name: str, parent_run_id: str, tuning_dir: str) -> None:
+    """One tuning trial: a label's tuning config with its space's sampled hyperparameters on top."""
+    pair, label = params["cell"]
+    config = search_space.apply(configs[(pair, label)], {k: params[k] for k in keys[label]})
+    teacher = teachers.get(pair) if config["method"]["name"] != "ce" else None
+    tune.train_trial(config, teacher, parent_run_id, tuning_dir,
+                     {"study": study_name, "pair": pair, "variant": label, "stage": "tune"})
+
+
+class LabelSample:
+    """Tune's ``sample_from`` for one searched key: drawn from the trial's label's space (the trial's
+    ``cell`` is resolved first, being a grid), None for a label whose space does not search it."""
+
+    def __init__(self, key: str, domains: dict[str, dict[str, Any]]):
+        self.key, self.domains = key, domains
+
+    def __call__(self, spec):
+        config = spec["config"] if "config" in spec and "cell" not in spec else spec
+        domain = self.domains[config["cell"][1]].get(self.key)
+        return None if domain is None else domain.sample()
+
+
+def tuning_space(study: dict[str, Any]) -> dict[str, Any]:
+    """The tuning stage's Tune param_space: every (pair, label) as a grid point, each searched key
+    sampled from that label's own space."""
+    from ray import tune as ray_tune
+
+    domains = {label: search_space.to_tune(space["parameters"]) for label, space in study["tune"]["spaces"].items()}
+    keys = sorted({k for d in domains.values() for k in d})
+    return {"cell": ray_tune.grid_search([list(c) for c in study["tune_configs"]]),
+            **{k: ray_tune.sample_from(LabelSample(k, domains)) for k in keys}}
+
+
+def per_cell_scheduler(schedulers: dict[tuple[str, str], Any]):
+    """One scheduler per (pair, label) behind one TrialScheduler: ASHA compares a label's trials with
+    each other, never a CE trial with a KD one."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    class PerCell(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self.schedulers = schedulers
+
+        def of(self, trial):
+            return self.schedulers[tuple(trial.config["cell"])]
+
+        def set_search_properties(self, metric, mode, **spec) -> bool:
+            return all([s.set_search_properties(metric, mode, **spec) for s in self.schedulers.values()])
+
+        def on_trial_add(self, tune_controller, trial):
+            self.of(trial).on_trial_add(tune_controller, trial)
+
+        def on_trial_error(self, tune_controller, trial):
+            self.of(trial).on_trial_error(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self.of(trial).on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            self.of(trial).on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            self.of(trial).on_trial_remove(tune_controller, trial)
+
+        def debug_string(self) -> str:
+            return "\n".join(f"{cell}: {s.debug_string()}" for cell, s in self.schedulers.items())
+
+    return PerCell()
+
+
+def choose_winners(trials: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each (pair, label)'s best tuning trial by validation top-1 at its selected epoch.
+
+    ``trials``: ``{"cell": (pair, label), "params": {...}, "metrics": {...}, "error": bool}`` per trial.
+    Only ``selected/val_top1`` (and ``trial_id``) of the metrics is read, never a test metric; errored
+    trials and trials without a validation result are left out; ties go to the earlier trial.
+    """
+    winners: dict[tuple[str, str], dict[str, Any]] = {}
+    finished: dict[tuple[str, str], int] = {}
+    for trial in trials:
+        metrics = trial["metrics"] or {}
+        if trial.get("error") or tune.SELECTED_VAL not in metrics:
+            continue
+        cell, value = tuple(trial["cell"]), float(metrics[tune.SELECTED_VAL])
+        finished[cell] = finished.get(cell, 0) + 1
+        if cell not in winners or value > winners[cell]["val_top1"]:
+            winners[cell] = {"pair": cell[0], "method": cell[1], "params": dict(trial["params"]), "val_top1": value,
+                             "trial_id": metrics.get("trial_id", "")}
+    for cell, winner in winners.items():
+        winner["trials"] = finished[cell]
+    return winners
+
+
+def with_winners(study: dict[str, Any], tuning: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The seed runs' configs with each (pair, label)'s tuned hyperparameters."""
+    chosen = {(w["pair"], w["method"]): w["params"] for w in tuning}
+    return {cell: search_space.apply(config, chosen[cell[:2]]) for cell, config in study["configs"].items()}
 
 
 def run_study(study: dict[str, Any], name: str | None = None, resume: bool = False,
               max_concurrent: int | None = None) -> dict[str, Any]:
-    """Run (or resume) a study; returns the summary (rows, table, files, parent run)."""
+    """Run (or resume) a study: its tuning stage (with a ``tune:`` section, unless a resumed study
+    finished it), then the seeds; returns the summary (rows, table, files, parent run, tuning)."""
     from ray import tune as ray_tune
 
     configs = study["configs"]
@@ -145,7 +347,9 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
     name = name or (tune.latest_sweep(storage, f"study-{study['name']}-") if resume else None) \
         or tune.new_sweep_name(f"study-{study['name']}")
     study_dir = f"{storage.rstrip('/')}/{name}"
-    if resume and not ray_tune.Tuner.can_restore(study_dir):
+    state_file = f"{study_dir}/{tune.SWEEP_FILE}"
+    state = json.loads(tune.read_text(state_file) or "{}") if resume else {}
+    if resume and not state and not ray_tune.Tuner.can_restore(study_dir):
         raise StudyError(f"no study to resume at {study_dir}")
     teacher_configs = {pair: next(c for (p, _, _), c in configs.items() if p == pair and c["teacher"]["source"])
                        for pair in study["pairs"]}
@@ -163,36 +367,138 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
         teachers[pair] = by_source[source]
     uri = tracking.tracking_uri(first)
     experiment = first["mlflow"]["experiment"]
-    state = json.loads(tune.read_text(f"{study_dir}/{tune.SWEEP_FILE}") or "{}") if resume else {}
     params = {"spec": study["file"], "pairs": json.dumps(study["pairs"]), "methods": json.dumps(study["methods"]),
               "seeds": json.dumps(study["seeds"])}
+    if study["tune"]:
+        params.update({"tune.samples": study["tune"]["samples"], "tune.scheduler": study["tune"]["scheduler"],
+                       "tune.epochs": tuning_epochs(study),
+                       "tune.spaces": json.dumps({k: s["file"] for k, s in study["tune"]["spaces"].items()})})
     tags = {"study": name, "mlflow.note.content": study["description"]}
-    cells = sorted(configs, key=lambda k: (k[2], study["pairs"].index(k[0]), list(study["methods"]).index(k[1])))
-    epochs = max(c["optim"]["epochs"] for c in configs.values())
     with tracking.tracked_run(uri, experiment, name, params if not state else {}, tags,
                               resume_run_id=state.get("parent_run_id")) as parent_run_id:
-        tune.write_text(f"{study_dir}/{tune.SWEEP_FILE}", json.dumps({"parent_run_id": parent_run_id}))
-        trainable = functools.partial(study_trial, configs=configs, teachers=teachers, study_name=name,
-                                      parent_run_id=parent_run_id, study_dir=study_dir)
-        trainable = ray_tune.with_resources(trainable, {"CPU": tune.TRIAL_CPU})
-        concurrent = tune.concurrency(first, len(cells), max_concurrent, tune.fixed_cluster())
-        progress = sweep_progress.Progress("selected/val_top1", epochs, tune.trial_resources(first),
-                                           first["tune"]["resource_timeout_s"])
-        try:
-            if resume:
-                tuner = tune.restore(study_dir, trainable, first, progress)
+        state = {**state, "parent_run_id": parent_run_id}
+        tune.write_text(state_file, json.dumps(state))
+        tuning = None
+        if study["tune"]:
+            tuning = state.get("tuning")
+            if tuning is None:
+                tuning = run_tuning(study, teachers, name, parent_run_id, study_dir, resume, max_concurrent)
+                state = {**state, "tuning": tuning}
+                tune.write_text(state_file, json.dumps(state))  # a resumed study never tunes again
+                log_tuning(uri, parent_run_id, tuning)
             else:
-                tuner = ray_tune.Tuner(
-                    trainable, param_space={"cell": ray_tune.grid_search([list(c) for c in cells])},
-                    tune_config=ray_tune.TuneConfig(max_concurrent_trials=concurrent),
-                    run_config=tune.run_config(first, name, storage, progress))
-            log.info("study %s: %d runs (%d pair(s) x %d method(s) x %d seed(s)), up to %d at once", name, len(cells),
-                     len(study["pairs"]), len(study["methods"]), len(study["seeds"]), concurrent)
-            results = tuner.fit()
-            sweep_progress.check_timed_out(progress, f"study {name}", "--resource-timeout SECONDS")
-        finally:
-            tune.close_trial_runs(uri, experiment, parent_run_id, epochs)
-        return summarize(study, results, teachers, name, parent_run_id, uri, storage)
+                log.info("study %s: the tuning stage finished before; seeds run with its winners", name)
+            configs = with_winners(study, tuning)
+        results = run_seeds(study, configs, teachers, name, parent_run_id, study_dir, resume, max_concurrent)
+        return summarize(study, results, teachers, name, parent_run_id, uri, storage, tuning)
+
+
+def tuning_epochs(study: dict[str, Any]) -> str:
+    """The tuning budget in epochs (one number, or each pair's when their recipes differ)."""
+    return "/".join(str(e) for e in sorted({c["optim"]["epochs"] for c in study["tune_configs"].values()}))
+
+
+def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: str, study_dir: str, resume: bool,
+               max_concurrent: int | None) -> list[dict[str, Any]]:
+    """The tuning stage: ``samples`` trials per (pair, label) in one Tune experiment; returns the winners."""
+    from ray import tune as ray_tune
+
+    spec, configs = study["tune"], study["tune_configs"]
+    first = next(iter(configs.values()))
+    tuning_dir = f"{study_dir}/{TUNING_DIR}"
+    uri, experiment = tracking.tracking_uri(first), first["mlflow"]["experiment"]
+    keys = {label: list(space["parameters"]) for label, space in spec["spaces"].items()}
+    trainable = functools.partial(tuning_trial, configs=configs, keys=keys, teachers=teachers, study_name=name,
+                                  parent_run_id=parent_run_id, tuning_dir=tuning_dir)
+    trainable = ray_tune.with_resources(trainable, {"CPU": tune.TRIAL_CPU})
+    trials = spec["samples"] * len(configs)
+    concurrent = tune.concurrency(first, trials, max_concurrent, tune.fixed_cluster())
+    epochs = max(c["optim"]["epochs"] for c in configs.values())
+    progress = sweep_progress.Progress(tune.SELECTED_VAL, epochs, tune.trial_resources(first),
+                                       first["tune"]["resource_timeout_s"])
+    try:
+        if resume and ray_tune.Tuner.can_restore(tuning_dir):
+            tuner = tune.restore(tuning_dir, trainable, first, progress)
+        else:
+            scheduler = None
+            if spec["scheduler"] == "asha":
+                scheduler = per_cell_scheduler({
+                    cell: tune.make_scheduler("asha", config, (uri, experiment, parent_run_id),
+                                              metric=spec["spaces"][cell[1]]["metric"], mode="max")
+                    for cell, config in configs.items()})
+            tuner = ray_tune.Tuner(
+                trainable, param_space=tuning_space(study),
+                tune_config=ray_tune.TuneConfig(num_samples=spec["samples"], scheduler=scheduler,
+                                                max_concurrent_trials=concurrent),
+                run_config=tune.run_config(first, TUNING_DIR, study_dir, progress))
+        log.info("study %s, tuning: %d trial(s) (%d per method label on each of %d pair(s)) x %s epoch(s), %s, up to "
+                 "%d at once", name, trials, spec["samples"], len(study["pairs"]), tuning_epochs(study),
+                 spec["scheduler"], concurrent)
+        results = tuner.fit()
+        sweep_progress.check_timed_out(progress, f"study {name} (tuning)", "--resource-timeout SECONDS")
+    finally:
+        tune.close_trial_runs(uri, experiment, parent_run_id, epochs)
+    reported = []
+    for result in results:
+        cell = tuple(result.config["cell"])
+        reported.append({"cell": cell, "params": {k: result.config[k] for k in keys[cell[1]]},
+                         "metrics": result.metrics, "error": result.error is not None})
+    winners = choose_winners(reported)
+    missing = [cell for cell in configs if cell not in winners]
+    if missing:
+        errors = [str(r.error).strip().splitlines()[-1] for r in results
+                  if r.error is not None and tuple(r.config["cell"]) in missing]
+        which = ", ".join(f"{label} on {pair_name(pair)}" for pair, label in missing)
+        raise RuntimeError(f"study {name}: no tuning trial of {which} finished"
+                           + (f"; first error: {errors[0]}" if errors else ""))
+    for (pair, label), w in winners.items():
+        log.info("study %s: %s on %s tuned: validation top-1 %.2f with %s (best of %d)", name, label, pair_name(pair),
+                 w["val_top1"], w["params"], w["trials"])
+    return [winners[cell] for cell in configs]
+
+
+def log_tuning(uri: str, parent_run_id: str, tuning: list[dict[str, Any]]) -> None:
+    """Each label's winner on the parent run: its validation top-1 and its hyperparameters (tags)."""
+    metrics, tags = {}, {}
+    for w in tuning:
+        key = f"{pair_name(w['pair'])}/{w['method']}"
+        metrics[f"{key}/tune_best_val_top1"] = w["val_top1"]
+        tags.update({f"tuned.{key}.{k}": v for k, v in w["params"].items()})
+    tracking.log_metrics(uri, parent_run_id, metrics, 0)
+    tracking.set_tags(uri, parent_run_id, tags)
+
+
+def run_seeds(study: dict[str, Any], configs: dict, teachers: dict, name: str, parent_run_id: str, study_dir: str,
+              resume: bool, max_concurrent: int | None):
+    """The seed runs: every (pair, label, seed) as a Tune trial; returns Tune's results."""
+    from ray import tune as ray_tune
+
+    first = next(iter(configs.values()))
+    storage = first["train"]["storage_path"]
+    uri, experiment = tracking.tracking_uri(first), first["mlflow"]["experiment"]
+    cells = sorted(configs, key=lambda k: (k[2], study["pairs"].index(k[0]), list(study["methods"]).index(k[1])))
+    epochs = max(c["optim"]["epochs"] for c in configs.values())
+    trainable = functools.partial(study_trial, configs=configs, teachers=teachers, study_name=name,
+                                  parent_run_id=parent_run_id, study_dir=study_dir)
+    trainable = ray_tune.with_resources(trainable, {"CPU": tune.TRIAL_CPU})
+    concurrent = tune.concurrency(first, len(cells), max_concurrent, tune.fixed_cluster())
+    progress = sweep_progress.Progress(tune.SELECTED_VAL, epochs, tune.trial_resources(first),
+                                       first["tune"]["resource_timeout_s"])
+    try:
+        if resume and ray_tune.Tuner.can_restore(study_dir):
+            tuner = tune.restore(study_dir, trainable, first, progress)
+        else:
+            tuner = ray_tune.Tuner(
+                trainable, param_space={"cell": ray_tune.grid_search([list(c) for c in cells])},
+                tune_config=ray_tune.TuneConfig(max_concurrent_trials=concurrent),
+                run_config=tune.run_config(first, name, storage, progress))
+        log.info("study %s: %d runs (%d pair(s) x %d method(s) x %d seed(s)), up to %d at once", name, len(cells),
+                 len(study["pairs"]), len(study["methods"]), len(study["seeds"]), concurrent)
+        results = tuner.fit()
+        sweep_progress.check_timed_out(progress, f"study {name}", "--resource-timeout SECONDS")
+    finally:
+        tune.close_trial_runs(uri, experiment, parent_run_id, epochs)
+    return results
 
 
 def run_rows(results) -> tuple[list[dict[str, Any]], list[str]]:
@@ -207,6 +513,7 @@ def run_rows(results) -> tuple[list[dict[str, Any]], list[str]]:
             continue
         rows.append({"pair": pair_name(pair), "method": label, "seed": seed, "test_top1_selected": m["selected/test_top1"],
                      "test_top1_last": m["test/top1"], "val_top1_selected": m["selected/val_top1"],
+                     "ece_selected": m.get("selected/test_ece", float("nan")),
                      "selected_epoch": int(m["selected/epoch"]) + 1, "epochs": int(m["epoch"]) + 1,
                      "run_name": result.path.rsplit("/", 1)[-1]})
     return rows, errors
@@ -223,7 +530,7 @@ def aggregate(study: dict[str, Any], rows: list[dict[str, Any]], teachers: dict)
         teacher, name = teachers[pair], pair_name(pair)
         table.append({"pair": name, "method": f"teacher {teacher.spec['name']}", "n": 1,
                       "selected": (teacher.accuracy, 0.0) if teacher.accuracy is not None else None, "last": None,
-                      "val": None})
+                      "val": None, "ece": None})
         for label in study["methods"]:
             runs = [r for r in rows if r["pair"] == name and r["method"] == label]
             if not runs:
@@ -231,7 +538,8 @@ def aggregate(study: dict[str, Any], rows: list[dict[str, Any]], teachers: dict)
             table.append({"pair": name, "method": label, "n": len(runs),
                           "selected": mean_std([r["test_top1_selected"] for r in runs]),
                           "last": mean_std([r["test_top1_last"] for r in runs]),
-                          "val": mean_std([r["val_top1_selected"] for r in runs])})
+                          "val": mean_std([r["val_top1_selected"] for r in runs]),
+                          "ece": mean_std([100 * r["ece_selected"] for r in runs])})
     return table
 
 
@@ -239,11 +547,12 @@ def format_table(table: list[dict[str, Any]]) -> str:
     def cell(value):
         return "-" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}"
 
-    lines = ["| pair | method | n | test top-1, selected epoch | test top-1, last epoch | val top-1, selected |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| pair | method | n | test top-1, selected epoch | test top-1, last epoch | val top-1, selected "
+             "| test ECE %, selected |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for row in table:
         lines.append(f"| {row['pair']} | {row['method']} | {row['n']} | {cell(row['selected'])} | "
-                     f"{cell(row['last'])} | {cell(row['val'])} |")
+                     f"{cell(row['last'])} | {cell(row['val'])} | {cell(row.get('ece'))} |")
     return "\n".join(lines)
 
 
@@ -280,7 +589,24 @@ def plot(study: dict[str, Any], rows: list[dict[str, Any]], table: list[dict[str
     return path
 
 
-def summarize(study, results, teachers, name, parent_run_id, uri, storage) -> dict[str, Any]:
+
+def format_tuning(study: dict[str, Any], tuning: list[dict[str, Any]]) -> str:
+    """The tuning stage's budget, and per pair and label its chosen hyperparameters and best validation top-1."""
+    spec = study["tune"]
+    epochs = tuning_epochs(study)
+    lines = [f"Tuning budget: {spec['samples']} trials x {epochs} epoch(s) per method ({spec['scheduler']}), "
+             f"on the validation split (seed {study['seeds'][0]}); each method's seeds ran with its best trial "
+             "(validation top-1 at its selected epoch). Test was not read to choose.", "",
+             "| pair | method | space | trials | best tuning val top-1 | chosen hyperparameters |",
+             "|---|---|---|---:|---:|---|"]
+    for w in tuning:
+        chosen = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in w["params"].items())
+        lines.append(f"| {pair_name(w['pair'])} | {w['method']} | {Path(spec['spaces'][w['method']]['file']).stem} | "
+                     f"{w['trials']} | {w['val_top1']:.2f} | {chosen} |")
+    return "\n".join(lines)
+
+
+def summarize(study, results, teachers, name, parent_run_id, uri, storage, tuning=None) -> dict[str, Any]:
     import csv
 
     import mlflow
@@ -291,13 +617,16 @@ def summarize(study, results, teachers, name, parent_run_id, uri, storage) -> di
     table = aggregate(study, rows, teachers)
     out_dir = tune.results_dir(storage, name)
     text = format_table(table)
+    if tuning:
+        text += "\n\n" + format_tuning(study, tuning)
     (out_dir / "study_table.md").write_text(f"# {name}\n\n{study['description']}\n\n{text}\n")
     with open(out_dir / "study_runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (r["pair"], r["method"], r["seed"])))
     (out_dir / "study_summary.json").write_text(json.dumps({"study": name, "spec": study["file"], "table": table,
-                                                            "runs": rows, "errors": errors}, indent=1))
+                                                            "runs": rows, "errors": errors, "tuning": tuning},
+                                                           indent=1))
     figure = plot(study, rows, table, out_dir / "study_plot.png")
     files = [out_dir / f for f in ("study_table.md", "study_runs.csv", "study_summary.json", "study_plot.png")]
     for file in files:
@@ -313,7 +642,7 @@ def summarize(study, results, teachers, name, parent_run_id, uri, storage) -> di
                         f"{key}/test_top1_last_mean": row["last"][0], f"{key}/test_top1_last_std": row["last"][1]})
     tracking.log_metrics(uri, parent_run_id, {**metrics, "runs_finished": len(rows), "runs_failed": len(errors)}, 0)
     return {"name": name, "parent_run_id": parent_run_id, "rows": rows, "errors": errors, "table": table,
-            "text": text, "dir": stored_dir, "plot": str(figure)}
+            "text": text, "dir": stored_dir, "plot": str(figure), "tuning": tuning}
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import config as config_lib, run as run_lib, search_space, tracking
+from pipeline import config as config_lib, run as run_lib, search_space, teacher_store, tracking
 from pipeline.sweep_progress import Progress, check_timed_out, resource_stopper
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,8 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
               **config_lib.flatten(base)}
     tags = {"sweep": name, "method": space["method"], "student": base["model"]["student"]}
     if teacher:
-        tags.update({"teacher_uri": teacher.uri, "teacher_test_top1": f"{teacher.accuracy}"})
+        tags.update({"teacher_uri": teacher.uri,
+                     "teacher_test_top1": f"{teacher.accuracy:.{teacher_store.ACCURACY_DIGITS}f}"})
     with tracking.tracked_run(uri, base["mlflow"]["experiment"], name, params if not state else {}, tags,
                               resume_run_id=state.get("parent_run_id")) as parent_run_id:
         write_text(f"{sweep_dir}/{SWEEP_FILE}", json.dumps({"parent_run_id": parent_run_id}))
@@ -232,7 +233,9 @@ def restore(sweep_dir: str, trainable, base: dict[str, Any], progress):
     return tuner
 
 
-def make_scheduler(scheduler: str, base: dict[str, Any], mlflow_parent: tuple[str, str, str]):
+def make_scheduler(scheduler: str, base: dict[str, Any], mlflow_parent: tuple[str, str, str], **asha: Any):
+    """FIFO, or ASHA on ``base``'s epochs; ``asha`` adds ASHA's own arguments (a study's per-label
+    schedulers take their ``metric`` and ``mode`` there, since no one TuneConfig metric fits all)."""
     from ray.tune.schedulers import FIFOScheduler
 
     if scheduler != "asha":
@@ -240,7 +243,7 @@ def make_scheduler(scheduler: str, base: dict[str, Any], mlflow_parent: tuple[st
     epochs = base["optim"]["epochs"]
     # stop_last_trials=False: a trial reaching max_t must finish its own run (final metrics, model).
     return make_asha(mlflow_parent, time_attr="epochs_done", max_t=epochs, grace_period=grace_period(base),
-                     reduction_factor=base["tune"]["reduction_factor"], stop_last_trials=False)
+                     reduction_factor=base["tune"]["reduction_factor"], stop_last_trials=False, **asha)
 
 
 def grace_period(config: dict[str, Any]) -> int:
