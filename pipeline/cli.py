@@ -236,14 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.tracking import TrackingIncomplete
 
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError)
-    try:
-        from pipeline.dataset import DatasetError
-        from pipeline.prepare import PrepareError
+    from pipeline.dataset import DatasetError
+    from pipeline.memory_check import InsufficientMemoryError
+    from pipeline.prepare import PrepareError
+    from pipeline.search_space import SpaceError
+    from stkd.precision import PrecisionError
 
-        user_errors += (DatasetError, PrepareError)
-    except ImportError:
-        pass
+    # The project's own errors are the user's input: one line, exit 2. Anything else keeps its traceback.
+    user_errors = (ConfigError, CheckpointError, DatasetError, PrepareError, SpaceError, PrecisionError,
+                   InsufficientMemoryError)
     try:
         return args.func(args)
     except user_errors as e:

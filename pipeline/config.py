@@ -124,12 +124,21 @@ def find_shipped(name_or_path: str | Path, folder: Path) -> Path | None:
     return None
 
 
+def yaml_problem(path: Path, e: yaml.YAMLError) -> str:
+    """A YAML syntax error in one line, ``file:line:column: not valid YAML: what``, where the scanner's own
+    message spans several lines with a caret drawing."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(str(part) for part in (getattr(e, "context", None), getattr(e, "problem", None)) if part)
+    return f"{where}: not valid YAML: {what or str(e).splitlines()[0]}"
+
+
 def read_mapping(path: Path, error: type[ValueError], expected: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping; ``error`` names the file and says what was ``expected``."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML: {e}") from None
+        raise error(yaml_problem(path, e)) from None
     if not isinstance(data, dict):
         raise error(f"{path}: must be a mapping with {expected}")
     return data
@@ -156,7 +165,7 @@ def read_recipe(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"recipe {yaml_problem(path, e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -288,6 +297,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         if config[section].get(name) is None:
             problems.append(f"{key}: required")
     check_values(config, problems)
+    if len(problems) == 1:
+        raise ConfigError(f"invalid configuration: {problems[0]}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return config

@@ -120,8 +120,22 @@ def ensure_ray() -> None:
 
 def load_teacher(config: dict[str, Any], info: dict[str, Any]) -> Teacher:
     """Load the teacher once, check it fits the dataset, measure its test accuracy, ``ray.put`` it once."""
-    tracking.client(tracking.tracking_uri(config))  # a registered name is looked up in the run's own store
-    state, uri = teacher_store.fetch(config["teacher"]["source"])
+    ensure_ray()
+    return share_teacher(*fetch_teacher(config, info))
+
+
+def share_teacher(state: dict[str, Any], uri: str, accuracy: float | None) -> Teacher:
+    """``ray.put`` a fetched teacher once: the ObjectRef every worker and trial shares."""
+    return Teacher(ref=teacher_store.put(state), uri=uri, spec=state["model"], accuracy=accuracy)
+
+
+def fetch_teacher(config: dict[str, Any], info: dict[str, Any]) -> tuple[dict[str, Any], str, float | None]:
+    """The teacher's checkpoint, checked against the dataset, and its test accuracy; without Ray, so a bad
+    ``teacher.source`` is a one-line error before anything starts. Returns ``(state, uri, accuracy)``."""
+    source = config["teacher"]["source"]
+    if not Path(source).expanduser().exists() and not source.startswith((".", "~", "/")):
+        tracking.client(tracking.tracking_uri(config))  # a registered name is looked up in the run's own store
+    state, uri = teacher_store.fetch(source)
     spec = state["model"]
     if spec["num_classes"] != info["num_classes"] or spec["in_channels"] != info["image_shape"][2]:
         raise config_lib.ConfigError(
@@ -141,7 +155,7 @@ def load_teacher(config: dict[str, Any], info: dict[str, Any]) -> Teacher:
         accuracy = teacher_store.accuracy(model, images, labels, info["mean"], info["std"],
                                           config["data"]["eval_batch_size"])
         log.info("teacher %s (%s): test top-1 %.2f%%", uri, spec["name"], accuracy)
-    return Teacher(ref=teacher_store.put(state), uri=uri, spec=spec, accuracy=accuracy)
+    return state, uri, accuracy
 
 
 def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name: str, callbacks=None):
@@ -209,11 +223,15 @@ def train(
     called = time.perf_counter()
     with phases.time("dataset"):
         info = dataset_info(config, verify=verify_data)
+    fetched = None
+    if teacher is None and config["teacher"]["source"]:
+        with phases.time("teacher"):  # a bad teacher is an error before Ray starts
+            fetched = fetch_teacher(config, info)
     with phases.time("ray_start"):
         ensure_ray()
-    if teacher is None and config["teacher"]["source"]:
+    if fetched is not None:
         with phases.time("teacher"):
-            teacher = load_teacher(config, info)
+            teacher = share_teacher(*fetched)
     run_name = config_lib.new_run_name(config, teacher.spec["name"] if teacher else None)
     uri = tracking.tracking_uri(config)
     tags = {"method": config["method"]["name"], "student": config["model"]["student"], "dataset": info["path"],
