@@ -18,8 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, system_metrics, teacher_store
-from pipeline import memory_check
+from pipeline import checkpoint, memory_check, system_metrics, teacher_store
 from pipeline.data_feed import InMemoryFeed, RayDataFeed, per_worker_batch, sync_bn_pays
 from pipeline.dataset import PreparedDataset
 from stkd import calibration, methods, models, precision
@@ -358,7 +357,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     hardware = {"hardware.precision": precision_name, "hardware.memory_format":
                 "channels_last" if channels_last else "contiguous", "hardware.device": precision.device_description(device)}
     if rank == 0:
-        log.info("training in %s, %s, on %s", precision_name, hardware["hardware.memory_format"], hardware["hardware.device"])
+        log.debug("training in %s, %s, on %s", precision_name, hardware["hardware.memory_format"], hardware["hardware.device"])
 
     start_epoch, history, selection_state = 0, [], None
     restored = ray.train.get_checkpoint()
@@ -380,7 +379,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         sums = EpochSums(method.term_names(), device)
         start = time.perf_counter()
         # Every worker takes the same steps (pipeline.data_feed), so no DDP join, whose shadow all-reduces
-        # cannot stand in for SyncBatchNorm's collectives (issue 23: a hang until the NCCL timeout).
+        # cannot stand in for SyncBatchNorm's collectives (a worker out of data would hang the others).
         for images, labels in train_feed.batches(epoch):
             train_batch(method, optimizer, step, images, labels, amp, sums)
         scheduler.step()
