@@ -16,6 +16,7 @@ def session_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mlflow_uri(session_dir) -> str:
     """A SQLite MLflow store for the whole session, seen by the driver and (through the config) by workers."""
+    pytest.importorskip("mlflow")
     uri = f"sqlite:///{session_dir / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -27,25 +28,33 @@ def mlflow_uri(session_dir) -> str:
 
 
 @pytest.fixture(autouse=True)
-def keep_tracking_uri():
-    """``mlflow.set_tracking_uri`` (which ``tracking.client`` calls) also sets MLFLOW_TRACKING_URI: a test
-    that uses a store of its own must not leave it to the tests after it, whose runs would go there."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+def keep_mlflow_uris():
+    """``mlflow.set_tracking_uri`` and ``set_registry_uri`` (which ``tracking.client`` calls) set process-wide
+    globals and the variables MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI: a test that uses a store of its own
+    must leave neither to the tests after it, whose runs and registered models would go there."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {key: os.environ.get(key) for key in keys}
     yield
-    if os.environ.get("MLFLOW_TRACKING_URI") != before:
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            import mlflow
+    if all(os.environ.get(key) == value for key, value in before.items()):
+        return
+    import mlflow
 
-            mlflow.set_tracking_uri(before)  # sets the variable too
+    # The setters write the variables too: set the globals back first, then the variables.
+    mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     """One throw-away local Ray for the session. More logical CPUs than cores, so a trial's driver,
-    its two workers and Ray Data tasks never wait on each other on a 2-core machine."""
-    import ray
+    its two workers and Ray Data tasks never wait on each other on a 2-core machine. Skipped where Ray is
+    not installed (the GPU machine of scripts/gpu-check has torch and pytest only)."""
+    ray = pytest.importorskip("ray")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only instance for tests
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
