@@ -34,7 +34,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(digits_resnet8) -> dict[str, torch.Tensor]:
-    """A resnet8 state dict after same 20-step resnet8 as the import tests (tests/conftest.py)."""
+    """The 20-step digits resnet8 the import tests share (tests/conftest.py)."""
     return digits_resnet8
 
 
