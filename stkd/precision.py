@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 
@@ -23,17 +23,33 @@ class PrecisionError(ValueError):
     """The requested precision cannot run on this device; the message names the device."""
 
 
+def cpu_capabilities() -> dict[str, Any]:
+    """What the CPU can do, as torch's ``torch.cpu.get_capabilities()`` reports it; a torch without that
+    function (older releases, e.g. the GPU machine's) gets the bf16 flags and the model name from
+    ``/proc/cpuinfo`` (Linux), else nothing."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        return dict(get())
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith(("flags", "Features"))), [])
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return {**{flag: True for flag in flags if "bf16" in flag}, "cpu_name": name}
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16, Arm's BF16 extensions).
 
     Without it oneDNN emulates bf16 through fp32 conversions, slower than plain fp32.
     """
-    capabilities = torch.cpu.get_capabilities()
-    return any(value is True for key, value in capabilities.items() if "bf16" in key)
+    return any(value is True for key, value in cpu_capabilities().items() if "bf16" in key)
 
 
 def cpu_name() -> str:
-    return str(torch.cpu.get_capabilities().get("cpu_name") or "this CPU")
+    return str(cpu_capabilities().get("cpu_name") or "this CPU")
 
 
 def device_description(device: torch.device) -> str:
