@@ -133,7 +133,7 @@ def fetch_teacher(config: dict[str, Any], info: dict[str, Any]) -> tuple[dict[st
     """The teacher's checkpoint, checked against the dataset, and its test accuracy; without Ray, so a bad
     ``teacher.source`` is a one-line error before anything starts. Returns ``(state, uri, accuracy)``."""
     source = config["teacher"]["source"]
-    if not Path(source).expanduser().exists() and not source.startswith((".", "~", "/")):
+    if not teacher_store.is_path(source):
         tracking.client(tracking.tracking_uri(config))  # a registered name is looked up in the run's own store
     state, uri = teacher_store.fetch(source)
     spec = state["model"]

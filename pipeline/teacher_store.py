@@ -34,6 +34,16 @@ REGISTERED = re.compile(r"(?:models:/)?([\w.\-]+)(?:/(\d+)|@([\w\-]+))?")
 LOGGED_MODEL = re.compile(r"models:/m-[0-9a-f]{32}")
 
 
+PATH_PREFIXES = (".", "~", "/")  # a source starting so is a path, never a registered name
+
+
+def is_path(source: str) -> bool:
+    """``source`` is a path (by its prefix) or an existing file or folder: no registry lookup needed."""
+    from pathlib import Path
+
+    return source.startswith(PATH_PREFIXES) or Path(source).expanduser().exists()
+
+
 def resolve_uri(source: str, client=None) -> str:
     """A registered name as a ``models:/name/<version>`` URI; other URIs and paths unchanged.
 
@@ -42,7 +52,7 @@ def resolve_uri(source: str, client=None) -> str:
     resolved to their version here, so a run records the exact teacher it used even if an alias
     later moves.
     """
-    if source.startswith(URI_SCHEMES) and not source.startswith("models:/") or source.startswith((".", "~", "/")):
+    if source.startswith(URI_SCHEMES) and not source.startswith("models:/") or source.startswith(PATH_PREFIXES):
         return source
     if LOGGED_MODEL.fullmatch(source):  # MLflow 3's logged model (models:/m-<id>): one model, no registry
         return source

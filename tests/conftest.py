@@ -119,18 +119,7 @@ def teacher_run(ray_session, mlflow_uri, tiny_overrides):
 @pytest.fixture(scope="session")
 def unique_images(tmp_path_factory) -> Path:
     """A prepared dataset whose every image is distinct, so rows can be told apart by content."""
-    import numpy as np
-    from PIL import Image
+    from fixtures_data import prepared_random_images
 
-    from pipeline.prepare import prepare
-
-    root = tmp_path_factory.mktemp("unique")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 23), ("test", 11)):
-        for cls in ("a", "b", "c"):
-            folder = root / "src" / split / cls
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    prepare(root / "src", root / "prepared", progress=False)
-    return root / "prepared"
+    return prepared_random_images(tmp_path_factory.mktemp("unique"), {"train": (23, 23, 23), "test": (11, 11, 11)},
+                                  seed=0)

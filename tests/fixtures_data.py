@@ -183,3 +183,20 @@ def png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def prepared_random_images(root: Path, counts: dict[str, tuple[int, ...]], seed: int) -> Path:
+    """A prepared dataset of distinct random 8x8 RGB images: ``counts[split][c]`` images of class ``c``
+    (classes ``a``, ``b``, ...), written as a PNG class-per-folder tree under ``root / "src"`` and run
+    through ``prepare`` into ``root / "prepared"``, which is returned."""
+    from pipeline.prepare import prepare
+
+    rng = np.random.default_rng(seed)
+    for split, per_class in counts.items():
+        for cls, count in zip("abcdefghij", per_class):
+            folder = root / "src" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    prepare(root / "src", root / "prepared", progress=False)
+    return root / "prepared"

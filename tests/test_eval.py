@@ -24,15 +24,6 @@ ARTIFACTS = {"confusion_matrix.png", "reliability_diagram.png", "per_class.csv",
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # Two threads on a loaded 2-core machine run these tiny models far slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def trained(digits_resnet8) -> dict[str, torch.Tensor]:
     """The 20-step digits resnet8 the import tests share (tests/conftest.py)."""
     return digits_resnet8

@@ -123,20 +123,9 @@ def test_decode_collate_turns_an_arrow_batch_into_uint8_and_int64_tensors():
 @pytest.fixture(scope="module")
 def odd_rows(tmp_path_factory) -> Path:
     """A prepared dataset of 35 distinct train rows (12 + 12 + 11): 35 divides neither over 2 nor over 3 workers."""
-    from PIL import Image
+    from fixtures_data import prepared_random_images
 
-    from pipeline.prepare import prepare
-
-    root = tmp_path_factory.mktemp("odd")
-    rng = np.random.default_rng(1)
-    for split, counts in (("train", (12, 12, 11)), ("test", (4, 4, 3))):
-        for cls, count in zip(("a", "b", "c"), counts):
-            folder = root / "src" / split / cls
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    prepare(root / "src", root / "prepared", progress=False)
-    return root / "prepared"
+    return prepared_random_images(tmp_path_factory.mktemp("odd"), {"train": (12, 12, 11), "test": (4, 4, 3)}, seed=1)
 
 
 def equal_steps_probe(ctx):
