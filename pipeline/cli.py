@@ -6,22 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from typing import Any, Sequence
 
 log = logging.getLogger("stkd")
 
 EPILOG = "Overrides: dotted keys after the options, e.g. optim.lr=0.1 method.temperature=6 train.workers=2"
-
-
-def interrupt_on_sigterm() -> None:
-    """`ray job stop` and schedulers send SIGTERM: turn it into KeyboardInterrupt so runs end FAILED, not RUNNING."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 QUIET_ENV = {
@@ -231,7 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("alembic", "mlflow", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    interrupt_on_sigterm()
+    # Ray Tune reads this when its experiment starts (ray.tune.tune._setup_signal_catching): Ctrl-C is
+    # ours, so that SIGTERM and SIGINT stop a sweep alike (pipeline.stopping.tune_stopper).
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    from pipeline.stopping import Stopped, signals
+
+    signals.install()
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.tracking import TrackingIncomplete
@@ -253,6 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrackingIncomplete as e:  # trained and checkpointed; the tracking server was away
         print(f"stkd {args.command}: {e}", file=sys.stderr)
         return 3
+    except Stopped as e:
+        print(f"stkd {args.command}: {e}" + (f"; continue with: {e.continue_with}" if e.continue_with else ""),
+              file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"stkd {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signals.uninstall()

@@ -66,6 +66,9 @@ DEFAULTS: dict[str, Any] = {
         "preemption_watcher": False,
         "storage_path": "runs",
         "run_name": None,
+        # A stopped run's wait for its workers to finish the epoch and checkpoint (pipeline.stopping);
+        # `ray job stop` kills after RAY_JOB_STOP_WAIT_TIME_S (3 s): raise both together.
+        "stop_grace_s": 2.0,
     },
     # outage_wait_s: how long the end of a run waits for a tracking server that is away (see README).
     "mlflow": {"tracking_uri": None, "experiment": "stkd", "register_as": None, "outage_wait_s": 1800},
@@ -96,6 +99,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "train.cpus_per_worker": (int, float),
     "train.gpus_per_worker": (int, float),
     "mlflow.outage_wait_s": (int, float),
+    "train.stop_grace_s": (int, float),
     "tune.max_concurrent": (int, type(None)),
     "tune.resource_timeout_s": (int, float),
     "tune.grace_period": (int, type(None)),
@@ -337,6 +341,8 @@ def check_values(config: dict[str, Any], problems: list[str]) -> None:
     positive = {"optim.lr": optim["lr"], "optim.batch_size": optim["batch_size"], "optim.epochs": optim["epochs"],
                 "train.workers": train["workers"], "train.checkpoint_every": train["checkpoint_every"],
                 "data.eval_batch_size": config["data"]["eval_batch_size"], "data.eval_every": config["data"]["eval_every"]}
+    if config["train"]["stop_grace_s"] < 0:
+        problems.append(f"train.stop_grace_s: must be >= 0 (seconds), got {config['train']['stop_grace_s']}")
     wait = config["mlflow"]["outage_wait_s"]
     if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait < 0:
         problems.append(f"mlflow.outage_wait_s: must be >= 0 (seconds), got {wait}")

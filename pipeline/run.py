@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from typing import Any, Iterator
 
 import yaml
 
-from pipeline import checkpoint, config as config_lib, progress, system_metrics, teacher_store, tracking, val_split
+from pipeline import (checkpoint, config as config_lib, progress, stopping, storage, system_metrics, teacher_store,
+                      tracking, val_split)
 from pipeline.dataset import PreparedDataset
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,7 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True, logging_level=logging.WARNING)
+        stopping.signals.reinstall()  # ray.init sets a SIGTERM handler of its own
 
 
 def load_teacher(config: dict[str, Any], info: dict[str, Any]) -> Teacher:
@@ -176,9 +179,7 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
         val = (info["val_keys"], config["data"]["val_seed"]) if info["val_keys"] is not None else None
         datasets = ray_datasets(dataset, train_cfg["workers"], val)
         data_config = split_data_config()
-    storage = train_cfg["storage_path"]
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
+    storage = storage_dir(config)
     # Ray Train passes these on to its controller; a value the user set wins.
     if PREEMPTION_WATCHER not in USER_ENV:
         os.environ[PREEMPTION_WATCHER] = "1" if train_cfg["preemption_watcher"] else "0"
@@ -221,6 +222,9 @@ def train(
     config = config_lib.validate(config)
     phases = Phases()
     called = time.perf_counter()
+    if parent_run_id is None and resume_run_id is None and config["train"]["run_name"]:
+        resume_run_id = earlier_attempt(tracking.tracking_uri(config), config["mlflow"]["experiment"],
+                                        f"{storage_dir(config)}/{config['train']['run_name']}")
     with phases.time("dataset"):
         info = dataset_info(config, verify=verify_data)
     fetched = None
@@ -237,13 +241,16 @@ def train(
     tags = {"method": config["method"]["name"], "student": config["model"]["student"], "dataset": info["path"],
             "seed": str(config["train"]["seed"]), "workers": str(config["train"]["workers"]),
             "train_rows": str(info["train_rows"]), "val_rows": str(info["val_rows"]), **(extra_tags or {})}
+    if parent_run_id is None:  # what the same command, naming this run, finds it by (earlier_attempt)
+        tags[RUN_KEY_TAG] = f"{storage_dir(config)}/{run_name}"
     if teacher is not None:
         tags.update({"teacher_uri": teacher.uri, "teacher_model": teacher.spec["name"],
                      "teacher_object_id": teacher.ref.hex()})
         if teacher.accuracy is not None:
             tags["teacher_test_top1"] = f"{teacher.accuracy:.{teacher_store.ACCURACY_DIGITS}f}"
     start = time.perf_counter()
-    with tracking.tracked_run(uri, config["mlflow"]["experiment"], run_name, config_lib.flatten(config), tags,
+    params = config_lib.flatten(config) if not resume_run_id else {}  # a reopened run has them already
+    with tracking.tracked_run(uri, config["mlflow"]["experiment"], run_name, params, tags,
                               parent_run_id, resume_run_id) as run_id:
         if teacher is not None and teacher.accuracy is not None and not resume_run_id:
             tracking.log_metrics(uri, run_id, {"teacher/test_top1": teacher.accuracy}, step=0)
@@ -262,13 +269,26 @@ def train(
         epoch_logger = EpochLogger(uri, run_id)
         if resume_run_id:  # epochs the earlier attempt logged after its last checkpoint are trained again
             epoch_logger.logged.update(logged_epochs(uri, run_id))
+        stop_file = f"{storage_dir(config)}/{run_name}/{stopping.STOP_FILE}"
+        storage.delete(stop_file)  # an earlier attempt's request is not this one's
+        loop_context["stop_file"] = stop_file
+        continue_with = stopping.continue_command(override=f"train.run_name={run_name}")
         with phases.time("fit"), progress.epoch_lines(run_name, config["optim"]["epochs"]) as shown:
             callbacks = [epoch_logger, *shown, *(callbacks or [])]
-            result = make_trainer(config, loop_context, run_name, callbacks).fit()
+            trainer = make_trainer(config, loop_context, run_name, callbacks)
+            try:
+                result = stopping.run_stoppable(trainer.fit, lambda _: stopping.request_stop(stop_file),
+                                                config["train"]["stop_grace_s"])
+            except stopping.Stopped as e:
+                e.continue_with = continue_with
+                raise
         wall = time.perf_counter() - start
         with result.checkpoint.as_directory() as directory:
             state = checkpoint.load(directory)
             unlogged = read_json(Path(directory) / UNLOGGED_FILE) or {"epochs": []}
+        if state.get("stopped"):
+            stopped_early(uri, run_id, state, unlogged["epochs"], config["optim"]["epochs"], result.checkpoint.path,
+                          continue_with)
         selection = state["selection"]
         outcome = Outcome(run_id=run_id, run_name=run_name, selected_epoch=selection["epoch"],
                           selected_top1=selection["test_top1"], last_top1=state["history"][-1]["test/top1"],
@@ -291,6 +311,50 @@ def train(
     phases.add("total", time.perf_counter() - called)
     outcome.phases = phases
     return outcome
+
+
+RUN_KEY_TAG = "run_key"  # storage/run_name of a named run: the same command finds and reopens its run
+
+
+def storage_dir(config: dict[str, Any]) -> str:
+    storage = config["train"]["storage_path"]
+    return storage.rstrip("/") if "://" in storage else str(Path(storage).resolve())
+
+
+def earlier_attempt(uri: str, experiment: str, run_key: str) -> str | None:
+    """The MLflow run of an earlier attempt of this named run, to be continued; a ConfigError if that
+    run finished (there is nothing to continue, and Ray would not train it again)."""
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    quoted = run_key.replace("'", "\\'")
+    runs = c.search_runs([exp.experiment_id], f"tags.{RUN_KEY_TAG} = '{quoted}'", max_results=1,
+                         order_by=["attributes.start_time DESC"])
+    if not runs:
+        return None
+    run = runs[0]
+    if run.info.status == "FINISHED":
+        name = run_key.rsplit("/", 1)[1]
+        raise config_lib.ConfigError(
+            f"train.run_name={name}: that run already finished (MLflow run {run.info.run_id} in experiment "
+            f"{experiment!r}); give another train.run_name to train a fresh run")
+    log.info("continuing MLflow run %s (%s, was %s)", run.info.run_id, run_key, run.info.status)
+    return run.info.run_id
+
+
+def stopped_early(uri: str, run_id: str, state: dict[str, Any], unlogged: list[int], epochs: int,
+                  checkpoint_path: str, continue_with: str) -> None:
+    """The workers stopped on request and checkpointed: log what the controller could not, then end
+    the run KILLED (:class:`stopping.Stopped`, raised here) with the command that continues it."""
+    by_epoch = {int(h["epoch"]): h for h in state["history"]}
+    have = logged_epochs(uri, run_id)
+    for epoch in unlogged:
+        if epoch not in have and epoch in by_epoch:
+            tracking.log_metrics(uri, run_id, {k: v for k, v in by_epoch[epoch].items() if k != "epoch"}, epoch)
+    done = state["epoch"] + 1
+    raise stopping.Stopped(stopping.signals.requested or signal.SIGTERM,
+                           f"after epoch {done} of {epochs} (checkpoint {checkpoint_path})", continue_with)
 
 
 def logged_epochs(uri: str, run_id: str) -> set[int]:

@@ -44,6 +44,7 @@ best tuning validation top-1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -54,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 
-from pipeline import config as config_lib, run as run_lib, search_space, sweep_progress, tracking, tune
+from pipeline import config as config_lib, run as run_lib, search_space, stopping, sweep_progress, tracking, tune
 
 log = logging.getLogger(__name__)
 
@@ -336,9 +337,13 @@ def with_winners(study: dict[str, Any], tuning: list[dict[str, Any]]) -> dict[tu
 
 
 def run_study(study: dict[str, Any], name: str | None = None, resume: bool = False,
-              max_concurrent: int | None = None) -> dict[str, Any]:
+              max_concurrent: int | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
     """Run (or resume) a study: its tuning stage (with a ``tune:`` section, unless a resumed study
-    finished it), then the seeds; returns the summary (rows, table, files, parent run, tuning)."""
+    finished it), then the seeds; returns the summary (rows, table, files, parent run, tuning).
+
+    ``parent_run_id``: an MLflow run this process has open and active (the demo's, which holds its
+    teacher's run too) to hold the study's runs, table and plot, in place of a parent run of its own."""
+    from mlflow.entities import Param
     from ray import tune as ray_tune
 
     configs = study["configs"]
@@ -374,8 +379,15 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
                        "tune.epochs": tuning_epochs(study),
                        "tune.spaces": json.dumps({k: s["file"] for k, s in study["tune"]["spaces"].items()})})
     tags = {"study": name, "mlflow.note.content": study["description"]}
-    with tracking.tracked_run(uri, experiment, name, params if not state else {}, tags,
-                              resume_run_id=state.get("parent_run_id")) as parent_run_id:
+    if parent_run_id:  # the caller's run: it ends it, so only the study's tags and params are added here
+        tracking.set_tags(uri, parent_run_id, tags)
+        tracking.client(uri).log_batch(parent_run_id, params=[Param(k, str(v)[:tracking.MAX_PARAM_LENGTH])
+                                                                  for k, v in params.items()])
+        holder = contextlib.nullcontext(parent_run_id)
+    else:
+        holder = tracking.tracked_run(uri, experiment, name, params if not state else {}, tags,
+                                      resume_run_id=state.get("parent_run_id"))
+    with holder as parent_run_id:
         state = {**state, "parent_run_id": parent_run_id}
         tune.write_text(state_file, json.dumps(state))
         tuning = None
@@ -434,7 +446,9 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
         log.info("study %s, tuning: %d trial(s) (%d per method label on each of %d pair(s)) x %s epoch(s), %s, up to "
                  "%d at once", name, trials, spec["samples"], len(study["pairs"]), tuning_epochs(study),
                  spec["scheduler"], concurrent)
-        results = tuner.fit()
+        with stopping.signals.graceful(stopping.tune_stopper):
+            results = tuner.fit()
+        stopping.signals.check(continue_with=stopping.continue_command(resume_name=name))
         sweep_progress.check_timed_out(progress, f"study {name} (tuning)", "--resource-timeout SECONDS")
     finally:
         tune.close_trial_runs(uri, experiment, parent_run_id, epochs)
@@ -494,7 +508,9 @@ def run_seeds(study: dict[str, Any], configs: dict, teachers: dict, name: str, p
                 run_config=tune.run_config(first, name, storage, progress))
         log.info("study %s: %d runs (%d pair(s) x %d method(s) x %d seed(s)), up to %d at once", name, len(cells),
                  len(study["pairs"]), len(study["methods"]), len(study["seeds"]), concurrent)
-        results = tuner.fit()
+        with stopping.signals.graceful(stopping.tune_stopper):
+            results = tuner.fit()
+        stopping.signals.check(continue_with=stopping.continue_command(resume_name=name))
         sweep_progress.check_timed_out(progress, f"study {name}", "--resource-timeout SECONDS")
     finally:
         tune.close_trial_runs(uri, experiment, parent_run_id, epochs)

@@ -125,6 +125,9 @@ def log_dataset(run_id: str, name: str, path: str, digest: str, profile: dict[st
     mlflow.log_input(PreparedDatasetInput(source, name=name, digest=digest), context="training")
 
 
+STOP_TAGS = frozenset({"end_reason", "continue_with"})
+
+
 @contextlib.contextmanager
 def tracked_run(
     uri: str,
@@ -136,7 +139,8 @@ def tracked_run(
     resume_run_id: str | None = None,
 ) -> Iterator[str]:
     """Start a run (the active MLflow run in this process), yield its id, and always end it:
-    FINISHED on success, FAILED on any error or interrupt, with the reason in the ``end_reason`` tag.
+    FINISHED on success, KILLED when a signal stopped it (``stopping.Stopped``: the ``continue_with`` tag
+    says how to continue), FAILED on any other error or interrupt, with the reason in the ``end_reason`` tag.
     ``resume_run_id`` reopens an earlier run (a resumed sweep keeps its parent run)."""
     import mlflow
     from mlflow.entities import Param
@@ -144,6 +148,8 @@ def tracked_run(
     c = client(uri)
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id)
+        for stale in STOP_TAGS.intersection(run.data.tags):  # the earlier attempt's end, continued now
+            c.delete_tag(resume_run_id, stale)
     else:
         # Nested when this process already has an active run: the demo's runs inside its parent run.
         run = mlflow.start_run(experiment_id=experiment_id(c, experiment), run_name=run_name,
@@ -158,8 +164,15 @@ def tracked_run(
         yield run_id
         status = "FINISHED"
     except BaseException as e:
+        from pipeline.stopping import Stopped
+
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        unless_away(uri, "the run's end_reason tag", lambda: c.set_tag(run_id, "end_reason", reason[:5000]))
+        ending = {"end_reason": reason[:5000]}
+        if isinstance(e, Stopped):  # stopped on purpose, to be continued: KILLED, not FAILED
+            status, ending["end_reason"] = "KILLED", str(e)
+            if e.continue_with:
+                ending["continue_with"] = e.continue_with
+        unless_away(uri, "the run's end_reason tag", lambda: set_tags(uri, run_id, ending))
         raise
     finally:
         if mlflow.active_run() and mlflow.active_run().info.run_id == run_id:

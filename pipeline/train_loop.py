@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, memory_check, system_metrics, teacher_store
+from pipeline import checkpoint, memory_check, storage, system_metrics, teacher_store
 from pipeline.data_feed import InMemoryFeed, RayDataFeed, per_worker_batch, sync_bn_pays
 from pipeline.dataset import PreparedDataset
 from stkd import calibration, methods, models, precision
@@ -62,6 +62,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
     return values
+
+
+def stop_asked(stop_file: str | None, device: torch.device) -> bool:
+    """Whether the driver asked the run to stop after this epoch (``pipeline.stopping``): every rank
+    gets the same answer, so all of them checkpoint and leave together."""
+    if not stop_file:
+        return False
+    asked = torch.tensor([float(storage.exists(stop_file))], device=device)
+    return bool(all_reduce_sum(asked).item())
 
 
 GENERATOR_STREAMS = ("augment", "method")
@@ -412,16 +421,21 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         history.append(dict(metrics))
         report = {**metrics, **hardware} if epoch == start_epoch else metrics  # strings: tags (epoch_logger)
 
-        if (epoch + 1) % train_cfg["checkpoint_every"] == 0 or last:
+        stop = not last and stop_asked(ctx.get("stop_file"), device)
+        if (epoch + 1) % train_cfg["checkpoint_every"] == 0 or last or stop:
             report_with_checkpoint(report, {
                 "model": spec, "student": raw_student.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                 "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
                 "selection": selection.state(raw_student),
                 "rng": gather_rng_states(generators, world, device), "config_name": config["name"],
+                "stopped": stop,
             }, rank)
         else:
             ray.train.report(report)
+        if stop:
+            log.info("rank %d: stopped after epoch %d on the driver's request", rank, epoch)
+            break
         if rank == 0:  # the driver prints each epoch (pipeline.progress); this is for the worker's log file
             log.debug("epoch %d/%d %s", epoch + 1, epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from pipeline import config as config_lib, run as run_lib, search_space, teacher_store, tracking
+from pipeline import config as config_lib, run as run_lib, search_space, stopping, teacher_store, tracking
+from pipeline.storage import filesystem, read_text, write_text  # noqa: F401 (study.py reads them here)
 from pipeline.sweep_progress import Progress, check_timed_out, resource_stopper
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,9 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
                     run_config=run_config(base, name, storage, progress),
                 )
             log.info("sweep %s: %d trial(s), %s, up to %d at once", name, trials, scheduler, concurrent)
-            results = tuner.fit()
+            with stopping.signals.graceful(stopping.tune_stopper):
+                results = tuner.fit()
+            stopping.signals.check(continue_with=stopping.continue_command(resume_name=name))
             check_timed_out(progress, f"sweep {name}", "tune.resource_timeout_s=SECONDS or "
                             "--resource-timeout SECONDS")
         finally:
@@ -259,31 +262,6 @@ def grace_period(config: dict[str, Any]) -> int:
     if optim["milestones"]:
         return min(epochs, optim["milestones"][0] + 1)
     return max(1, epochs // 4)  # a constant learning rate: nothing to wait for
-
-
-def filesystem(path: str):
-    """A pyarrow filesystem and path for a local path or a URI (s3://, gs://, ...)."""
-    import pyarrow.fs
-
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), path
-
-
-def read_text(path: str) -> str | None:
-    fs, inner = filesystem(path)
-    try:
-        with fs.open_input_stream(inner) as f:
-            return f.read().decode()
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def write_text(path: str, text: str) -> None:
-    fs, inner = filesystem(path)
-    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(inner) as f:
-        f.write(text.encode())
 
 
 STAMP = re.compile(r"-(\d{8}-\d{6})-[0-9a-f]{4}$")  # new_sweep_name's UTC time

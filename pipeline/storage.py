@@ -1,0 +1,44 @@
+"""Small files on the run storage, a local path or a URI (s3://, gs://, ...), through pyarrow's file systems."""
+
+from __future__ import annotations
+
+import contextlib
+
+
+def filesystem(path: str):
+    """A pyarrow filesystem and path for a local path or a URI (s3://, gs://, ...)."""
+    import pyarrow.fs
+
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), path
+
+
+def read_text(path: str) -> str | None:
+    fs, inner = filesystem(path)
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_text(path: str, text: str) -> None:
+    fs, inner = filesystem(path)
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(text.encode())
+
+
+def exists(path: str) -> bool:
+    import pyarrow.fs
+
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+
+
+def delete(path: str) -> None:
+    """Remove a file; nothing if it is not there."""
+    fs, inner = filesystem(path)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        fs.delete_file(inner)

@@ -1,0 +1,193 @@
+"""Stopping and continuing jobs: SIGTERM (`ray job stop`, schedulers) and SIGINT (Ctrl-C) end a run KILLED,
+exit 143/130 with one line, and the same command continues the same MLflow run, every epoch logged once.
+
+The signal mechanics are unit tests in this process; the jobs are real ``stkd`` processes on the session's
+Ray, sent real signals when their output says they reached a known epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import stopping
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def stop_signals():
+    stopping.signals.install()
+    yield stopping.signals
+    stopping.signals.uninstall()
+
+
+def test_stopped_exits_as_a_shell_reports_a_signal():
+    assert stopping.Stopped(signal.SIGTERM).exit_code == 143
+    assert stopping.Stopped(signal.SIGINT).exit_code == 130
+    assert str(stopping.Stopped(signal.SIGTERM, "after epoch 3 of 9")) == "stopped by SIGTERM after epoch 3 of 9"
+    assert not isinstance(stopping.Stopped(signal.SIGTERM), Exception), "no `except Exception` may swallow a stop"
+
+
+def test_the_continue_command_names_what_the_first_one_left_unnamed(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["stkd", "distill", "--recipe", "my recipe.yaml", "optim.lr=0.1"])
+    assert stopping.continue_command(override="train.run_name=kd-x") == \
+        "stkd distill --recipe 'my recipe.yaml' optim.lr=0.1 train.run_name=kd-x"
+    monkeypatch.setattr(sys, "argv", ["stkd", "distill", "--recipe", "r", "train.run_name=mine"])
+    assert stopping.continue_command(override="train.run_name=mine") == "stkd distill --recipe r train.run_name=mine"
+    monkeypatch.setattr(sys, "argv", ["stkd", "study", "--spec", "demo"])
+    assert stopping.continue_command(resume_name="study-demo-1") == \
+        "stkd study --resume --name study-demo-1 --spec demo"
+    monkeypatch.setattr(sys, "argv", ["stkd", "tune", "--resume", "--name", "t1", "--recipe", "r"])
+    assert stopping.continue_command(resume_name="t1") == "stkd tune --resume --name t1 --recipe r"
+
+
+def test_a_first_signal_asks_for_a_graceful_stop_and_a_second_stops_at_once(stop_signals):
+    asked = []
+    with stop_signals.graceful(asked.append):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert asked == [signal.SIGTERM] and stop_signals.requested == signal.SIGTERM
+        with pytest.raises(stopping.Stopped) as stopped:
+            os.kill(os.getpid(), signal.SIGINT)
+    assert stopped.value.signum == signal.SIGTERM, "the first signal names the stop"
+
+
+def test_without_a_graceful_block_the_first_signal_stops_at_once(stop_signals):
+    with pytest.raises(stopping.Stopped) as stopped:
+        os.kill(os.getpid(), signal.SIGINT)
+    assert stopped.value.exit_code == 130
+
+
+def test_uninstall_gives_the_signals_back():
+    before = signal.getsignal(signal.SIGINT)
+    stopping.signals.install()
+    assert signal.getsignal(signal.SIGINT) != before
+    stopping.signals.uninstall()
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_run_stoppable_lets_the_job_stop_itself_within_the_grace(stop_signals):
+    done = threading.Event()
+
+    def fit():
+        assert done.wait(30), "on_stop never came"
+        return "stopped at an epoch's end"
+
+    def on_stop(signum):
+        done.set()
+
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    assert stopping.run_stoppable(fit, on_stop, grace_s=30) == "stopped at an epoch's end"
+    assert stop_signals.requested == signal.SIGTERM
+
+
+def test_run_stoppable_stops_at_once_when_the_grace_runs_out(stop_signals):
+    never = threading.Event()
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        with pytest.raises(stopping.Stopped, match="grace period ran out"):
+            stopping.run_stoppable(lambda: never.wait(30), lambda signum: None, grace_s=0.5)
+    finally:
+        never.set()
+
+
+def test_run_stoppable_passes_the_jobs_error_on(stop_signals):
+    def fit():
+        raise ValueError("broken")
+
+    with pytest.raises(ValueError, match="broken"):
+        stopping.run_stoppable(fit, lambda signum: None, grace_s=1)
+
+
+# Real jobs.
+
+def stkd_job(argv: list[str], ray_session, log: Path, uri: str) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *argv], cwd=log.parent, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def stop_at_epoch(job: subprocess.Popen, log: Path, epoch: int, epochs: int, signum: int) -> str:
+    """Send ``signum`` once the driver has printed epoch ``epoch``; the job's whole output."""
+    from test_outage import wait_for_text
+
+    wait_for_text(job, log, rf"epoch +{epoch}/{epochs} ", timeout=300)
+    job.send_signal(signum)
+    job.wait(timeout=300)
+    return log.read_text()
+
+
+def driver_lines(output: str) -> str:
+    """The driver's own output, without the lines Ray forwards from its actors (``(Name pid=N)``)."""
+    return "\n".join(line for line in output.splitlines() if not re.search(r"\(\w+ pid=\d+", line))
+
+
+def continued(output: str) -> list[str]:
+    """The arguments of the command the stop line says continues the job."""
+    line = re.search(r"continue with: (.+)", output).group(1)
+    argv = shlex.split(line)
+    assert argv[0] == "stkd"
+    return argv[1:]
+
+
+@pytest.mark.slow
+def test_a_stopped_run_ends_killed_and_the_same_command_continues_the_same_run(ray_session, tiny_overrides, tmp_path):
+    epochs = 12
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["distill", "--recipe", "test_tiny", *tiny_overrides, f"train.storage_path={tmp_path / 'runs'}",
+            f"optim.epochs={epochs}", "train.workers=1", "train.cpus_per_worker=1", "train.checkpoint_every=100",
+            "data.val_fraction=0.1", "train.stop_grace_s=120"]
+    c = mlflow.MlflowClient(uri)
+
+    # SIGTERM after epoch 3: the workers finish the epoch they are in, checkpoint it, and stop.
+    first = stop_at_epoch(stkd_job(argv, ray_session, tmp_path / "first.log", uri), tmp_path / "first.log", 3,
+                          epochs, signal.SIGTERM)
+    stop_line = re.search(r"stkd distill: stopped by SIGTERM after epoch (\d+) of 12 \(checkpoint .+\); continue with", first)
+    assert stop_line, first[-3000:]
+    assert "SIGTERM received at time" not in first, "Ray's native stack dump"
+    assert "Traceback" not in driver_lines(first), first[-3000:]
+    stopped_after = int(stop_line.group(1))
+    [run] = c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id])
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags["end_reason"].startswith(f"stopped by SIGTERM after epoch {stopped_after} of 12")
+    again = continued(first)
+    assert run.data.tags["continue_with"] == shlex.join(["stkd", *again])
+    assert again[-1].startswith("train.run_name=") and again[:-1] == argv
+
+    # The printed command continues it; Ctrl-C after a later epoch stops it again (exit 130).
+    second_log = tmp_path / "second.log"
+    second = stop_at_epoch(stkd_job(again, ray_session, second_log, uri), second_log, stopped_after + 2, epochs,
+                           signal.SIGINT)
+    assert re.search(r"stkd distill: stopped by SIGINT after epoch \d+ of 12", second), second[-3000:]
+    assert f"epoch {stopped_after:2d}/12" not in second, "a checkpointed epoch was trained again"
+    assert c.get_run(run.info.run_id).info.status == "KILLED"
+
+    third = subprocess.run([sys.executable, "-m", "pipeline", *again], cwd=tmp_path, capture_output=True, text=True,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": uri,
+                                "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}, timeout=600)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
+    runs = c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id])
+    assert [r.info.run_id for r in runs] == [run.info.run_id], "one MLflow run across the three attempts"
+    finished = runs[0]
+    assert finished.info.status == "FINISHED"
+    assert not {"end_reason", "continue_with"} & set(finished.data.tags), "the stops' tags went with them"
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "loss/total")]
+    assert sorted(steps) == list(range(epochs)), steps
+    val = {m.step: m.value for m in c.get_metric_history(run.info.run_id, "val/top1")}
+    best = max(val.values())
+    assert finished.data.metrics["final/selected_epoch"] == min(e for e, v in val.items() if v == best), \
+        "the selected epoch is chosen over the whole history, all three attempts"
+
+    # The same command once more: the run has finished, nothing starts.
+    fourth = subprocess.run([sys.executable, "-m", "pipeline", *again], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=300)
+    assert fourth.returncode == 2 and "already finished" in fourth.stderr, fourth.stderr[-2000:]
