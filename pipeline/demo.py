@@ -1,58 +1,104 @@
 """``stkd demo``: the whole pipeline on scikit-learn's digits, a few minutes on a 2-core machine.
 
-Prepares the data, trains a teacher (registered in MLflow), then CE, KD and STKD students on 2
-Ray Train workers with one shared teacher object, and prints a table.
+Prepares the data, trains a teacher (registered in MLflow), then runs the demo study
+(``tune_spaces/studies/demo.yaml``: CE, KD and STKD students, seeds 0, 1 and 2) as Ray Tune trials that
+share one teacher object, and prints each student's test top-1 as mean ± std over the seeds, saying which
+students differ by less than their seed spread. Digits' test split has 360 images (one image is 0.28
+points), so one seed of each student says little about KD against STKD.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline import config as config_lib, run as run_lib, tracking
+from pipeline import config as config_lib, run as run_lib, stopping, study as study_lib, tracking
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "stkd-demo"  # as in the demo's recipes
+STUDY = "demo"  # tune_spaces/studies/demo.yaml: the students, their methods and seeds
+# One Ray Train worker per student (0.5 CPU): three trials fit Ray's 2 logical CPUs of this machine at
+# once, where 2 workers each would run the 9 trials one after the other (Ray Train's fixed cost of a fit,
+# 12-16 s, is then paid 9 times in a row instead of hidden behind the other trials' epochs).
+STUDENT_WORKERS = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="stkd-demo", help="folder for the prepared data and run storage")
-    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers per run")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers of the teacher's run")
+    parser.add_argument("--student-workers", type=int, default=STUDENT_WORKERS,
+                        help="Ray Train workers of each student's run (one Ray Tune trial each)")
     parser.add_argument("--teacher-epochs", type=int, default=None, help="override the recipe's teacher epochs")
     parser.add_argument("--student-epochs", type=int, default=None, help="override the recipe's student epochs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the teacher's seed (the students run the study's seeds)")
 
 
 @dataclass
-class Row:
+class Teacher:
     what: str
     selected_top1: float
     last_top1: float
-    selected_epoch: int
+    selected_epoch: int  # counted from 1
     epochs: int
-    wall_s: float
     run_id: str
-    phases: dict[str, float]
 
 
-    history: list[dict[str, float]]
+@dataclass
+class Student:
+    """One method's runs over the seeds: test top-1 (mean, sample std) at the selected and last epochs."""
+
+    what: str
+    label: str
+    seeds: list[int]
+    selected: tuple[float, float]
+    last: tuple[float, float]
+    per_seed: list[float]  # test top-1 at the selected epoch, in the order of seeds
+    selected_epochs: list[int]  # per seed, counted from 1
+    epochs: int
 
 
-def row(what: str, outcome: run_lib.Outcome) -> Row:
-    return Row(what, outcome.selected_top1, outcome.last_top1, outcome.selected_epoch, len(outcome.history),
-               outcome.wall_time_s, outcome.run_id, outcome.phases, outcome.history)
+@dataclass
+class Result:
+    teacher: Teacher
+    students: list[Student]
+    errors: list[str]
+    parent_run_id: str
+
+
+def within_spread(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """The demo's noise rule on two ``(mean, std)`` over seeds: the means differ by less than the sum of
+    the two sample stds, so these seeds do not tell the two apart."""
+    return abs(a[0] - b[0]) < a[1] + b[1]
+
+
+def spread_lines(students: list[Student]) -> list[str]:
+    """For each pair of students, at the selected epoch: whether they differ by less than their seed
+    spread (:func:`within_spread`), or which one is ahead by more than it."""
+    lines = []
+    for a, b in itertools.combinations(students, 2):
+        gap, spread = abs(a.selected[0] - b.selected[0]), a.selected[1] + b.selected[1]
+        if within_spread(a.selected, b.selected):
+            lines.append(f"{a.label} and {b.label} differ by less than their seed spread: "
+                         f"{gap:.2f} points < {spread:.2f}")
+        else:
+            ahead, behind = (a, b) if a.selected[0] > b.selected[0] else (b, a)
+            lines.append(f"{ahead.label} is ahead of {behind.label} by more than their seed spread: "
+                         f"{gap:.2f} points >= {spread:.2f}")
+    return lines
 
 
 def run_demo(out: Path, workers: int, seed: int, teacher_epochs: int | None = None,
-             student_epochs: int | None = None) -> list[Row]:
-    """Run the demo as one MLflow parent run holding the comparison: the teacher, then ce, kd and stkd
-    students, every run selected on its validation split."""
+             student_epochs: int | None = None, student_workers: int = STUDENT_WORKERS) -> Result:
+    """Run the demo as one MLflow parent run holding the comparison: the teacher's run, then the demo
+    study's student runs (every run selected on its validation split), its table and plot."""
     from pipeline.prepare import prepare
 
     data = out / "digits"
@@ -60,98 +106,128 @@ def run_demo(out: Path, workers: int, seed: int, teacher_epochs: int | None = No
         log.info("preparing scikit-learn digits into %s", data)
         prepare("digits", data, progress=False)
     uri = tracking.tracking_uri()
-    name = f"demo-s{seed}-{uuid.uuid4().hex[:4]}"
-    params = {"workers": workers, "seed": seed, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs}
-    with tracking.tracked_run(uri, EXPERIMENT, name, params,
-                              {"kind": "demo"}) as parent_id:
-        rows = train_all(data, out, workers, seed, teacher_epochs, student_epochs)
-        log_comparison(uri, parent_id, rows)
-    return rows
+    name = f"demo-{uuid.uuid4().hex[:4]}"
+    params = {"workers": workers, "student_workers": student_workers, "seed": seed,
+              "teacher_epochs": teacher_epochs, "student_epochs": student_epochs}
+    with tracking.tracked_run(uri, EXPERIMENT, name, params, {"kind": "demo"}) as parent_id:
+        common = [f"data.path={data}", f"train.storage_path={(out / 'ray_results').resolve()}"]
+        try:
+            teacher, register_as = train_teacher(common + [f"train.workers={workers}", f"train.seed={seed}"],
+                                                 teacher_epochs)
+            result = train_students(common + [f"train.workers={student_workers}"], register_as, student_epochs,
+                                    teacher, parent_id)
+        except stopping.Stopped as e:
+            # The teacher's run and the study say how to continue themselves (train.run_name=..., --resume),
+            # which `stkd demo` does not take: a stopped demo starts over (here before the parent run's tag).
+            e.continue_with = stopping.continue_command()
+            raise
+        log_comparison(uri, parent_id, result)
+    return result
 
 
-def train_all(data: Path, out: Path, workers: int, seed: int, teacher_epochs: int | None,
-              student_epochs: int | None) -> list[Row]:
-    common = {"data.path": str(data), "train.workers": workers, "train.seed": seed,
-              "train.storage_path": str((out / "ray_results").resolve())}
-    overrides = [f"{k}={v}" for k, v in common.items()]
-    rows = []
-
-    teacher_cfg = config_lib.load("demo_teacher", overrides)
-    if teacher_epochs:
-        teacher_cfg = config_lib.load("demo_teacher", config_lib.with_epochs(overrides, teacher_cfg, teacher_epochs))
-    print(f"[1/4] teacher {teacher_cfg['model']['student']} (method ce), {teacher_cfg['optim']['epochs']} epochs")
-    rows.append(row(f"teacher {teacher_cfg['model']['student']}", run_lib.train(teacher_cfg)))
-
-    # @latest: the teacher just trained (a bare name means the registry's champion, maybe an earlier one)
-    student_overrides = overrides + [f"teacher.source={teacher_cfg['mlflow']['register_as']}@latest"]
-    if student_epochs:
-        student_overrides = config_lib.with_epochs(student_overrides, config_lib.load("demo_student", student_overrides),
-                                                   student_epochs)
-    base = config_lib.load("demo_student", student_overrides + ["teacher.evaluate=false"])
-    info = run_lib.dataset_info(base, verify=False)  # the teacher's run checksummed it
-    teacher = run_lib.load_teacher(base, info)  # loaded and put into the object store once, for every student
-    # Not measured again: the teacher run measured these weights (its selected epoch's) on this test split.
-    teacher.accuracy = rows[0].selected_top1
-    for i, method in enumerate(("ce", "kd", "stkd"), start=2):
-        method_overrides = [f"method.name={method}"] + (["teacher.source=null"] if method == "ce" else [])
-        cfg = config_lib.load("demo_student", student_overrides + method_overrides)
-        print(f"[{i}/4] student {cfg['model']['student']}, method {method}, {cfg['optim']['epochs']} epochs")
-        outcome = run_lib.train(cfg, teacher=None if method == "ce" else teacher, verify_data=False)
-        rows.append(row(f"{method} student {cfg['model']['student']}", outcome))
-    return rows
+def train_teacher(overrides: list[str], epochs: int | None) -> tuple[Teacher, str]:
+    """The teacher's run (method ce); returns it and the name it is registered as."""
+    cfg = config_lib.load("demo_teacher", overrides)
+    if epochs:
+        cfg = config_lib.load("demo_teacher", config_lib.with_epochs(overrides, cfg, epochs))
+    print(f"[1/2] teacher {cfg['model']['student']} (method ce), {cfg['optim']['epochs']} epochs")
+    outcome = run_lib.train(cfg)
+    teacher = Teacher(f"teacher {cfg['model']['student']}", outcome.selected_top1, outcome.last_top1,
+                      outcome.selected_epoch + 1, len(outcome.history), outcome.run_id)
+    return teacher, cfg["mlflow"]["register_as"]
 
 
-def log_comparison(uri: str, parent_id: str, rows: list[Row]) -> None:
-    """The parent run's artifacts: every student's test curve on one chart, and the table."""
+def train_students(overrides: list[str], register_as: str, epochs: int | None, teacher: Teacher,
+                   parent_id: str) -> Result:
+    """The demo study: every (method, seed) a Ray Tune trial, one teacher object for all of them."""
+    # @latest: the teacher just trained (a bare name means the registry's champion, maybe an earlier one).
+    # Its test top-1 is read from that registered version, measured by its run on this test split.
+    overrides = overrides + [f"teacher.source={register_as}@latest"]
+    spec = study_lib.load_study(STUDY, overrides)
+    if epochs:  # the budget moves for every student alike, the CE student's included
+        overrides = config_lib.with_epochs(overrides, config_lib.load(spec["pairs"][0], overrides), epochs)
+        spec = study_lib.load_study(STUDY, overrides)
+    cells = spec["configs"]
+    first = next(iter(cells.values()))
+    print(f"[2/2] students {first['model']['student']}: {', '.join(spec['methods'])} x seeds "
+          f"{', '.join(map(str, spec['seeds']))} ({len(cells)} Ray Tune trials, {first['optim']['epochs']} epoch(s), "
+          f"{first['train']['workers']} worker(s) each)")
+    progress = logging.getLogger("pipeline.sweep_progress")
+    progress.addFilter(no_trial_table)
+    try:
+        summary = study_lib.run_study(spec, parent_run_id=parent_id)
+    finally:
+        progress.removeFilter(no_trial_table)
+    return Result(teacher, students_of(spec, summary["rows"]), summary["errors"], parent_id)
+
+
+def no_trial_table(record: logging.LogRecord) -> bool:
+    """Keeps the study's progress line (every 15 s) and drops its table of trials (every minute): the
+    demo prints its own table at the end, and with 9 trials those tables would push it off the screen."""
+    return not record.getMessage().startswith("\n")
+
+
+def students_of(spec: dict[str, Any], rows: list[dict[str, Any]]) -> list[Student]:
+    """Each method's finished runs, in the study's order, as mean ± std over their seeds."""
+    students = []
+    for label in spec["methods"]:
+        runs = sorted((r for r in rows if r["method"] == label), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        cfg = spec["configs"][(spec["pairs"][0], label, runs[0]["seed"])]
+        students.append(Student(
+            f"{label} student {cfg['model']['student']}", label, [r["seed"] for r in runs],
+            study_lib.mean_std([r["test_top1_selected"] for r in runs]),
+            study_lib.mean_std([r["test_top1_last"] for r in runs]),
+            [r["test_top1_selected"] for r in runs], [r["selected_epoch"] for r in runs], runs[0]["epochs"]))
+    return students
+
+
+def log_comparison(uri: str, parent_id: str, result: Result) -> None:
+    """The parent run's own table (the study's table, runs and plot are logged beside it)."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "demo_table.md"
-        table.write_text("```\n" + format_table(rows) + "\n```\n")
+        table.write_text("```\n" + format_table(result) + "\n```\n")
         mlflow.log_artifact(str(table))
-        mlflow.log_artifact(str(comparison_plot(rows, Path(tmp) / "demo_comparison.png")))
-    tracking.log_metrics(uri, parent_id, {f"{r.what.split()[0]}/test_top1_selected": r.selected_top1 for r in rows},
-                         step=0)
+    tracking.log_metrics(uri, parent_id, {"teacher/test_top1_selected": result.teacher.selected_top1}, step=0)
 
 
-def comparison_plot(rows: list[Row], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    teacher, students = rows[0], rows[1:]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in students:
-        measured = [(h["epoch"] + 1, h["test/top1"]) for h in r.history if "test/top1" in h]
-        ax.plot(*zip(*measured), marker="o", label=f"{r.what} (selected {r.selected_top1:.2f}%)")
-    ax.axhline(teacher.selected_top1, color="black", linestyle="--",
-               label=f"{teacher.what} ({teacher.selected_top1:.2f}%, {teacher.epochs} epochs)")
-    ax.set(xlabel="epoch", ylabel="test top-1 %", title="demo: students on digits")
-    ax.set_xticks(range(1, max(r.epochs for r in students) + 1))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+def pm(value: tuple[float, float]) -> str:
+    return f"{value[0]:.2f} ± {value[1]:.2f}"
 
 
-def format_table(rows: list[Row]) -> str:
-    lines = [f"{'run':<26} {'test top-1 %':>12} {'(epoch)':>8} {'last epoch %':>13} {'wall s':>7}  mlflow run",
-             f"{'':<26} {'at selected':>12}", "-" * 104]
-    lines += [f"{r.what:<26} {r.selected_top1:>12.2f} {f'({r.selected_epoch + 1}/{r.epochs})':>8} "
-              f"{r.last_top1:>13.2f} {r.wall_s:>7.1f}  {r.run_id}" for r in rows]
-    lines.append("selected = the epoch with the best validation top-1 (10% of train held out); "
-                 "test is only reported")
+def format_table(result: Result) -> str:
+    t = result.teacher
+    rule = "-" * 86
+    lines = [f"{'run':<21} {'seeds':>5}  {'test top-1 %, selected epoch':<32} {'test top-1 %':>13}  selected",
+             f"{'':<21} {'':>5}  {'mean ± std':>13}  {'per seed':<17} {'last epoch':>13}  epoch(s)",
+             rule,
+             f"{t.what:<21} {1:>5}  {t.selected_top1:>13.2f}  {'':<17} {t.last_top1:>13.2f}  "
+             f"{t.selected_epoch}/{t.epochs}"]
+    for s in result.students:
+        per_seed = " ".join(f"{v:.2f}" for v in s.per_seed)
+        lines.append(f"{s.what:<21} {len(s.seeds):>5}  {pm(s.selected):>13}  {per_seed:<17} {pm(s.last):>13}  "
+                     f"{','.join(map(str, s.selected_epochs))}/{s.epochs}")
+    seeds = sorted({seed for s in result.students for seed in s.seeds})
+    lines += [rule,
+              f"mean ± sample std over seeds {', '.join(map(str, seeds))}; selected = each run's epoch with the "
+              "best validation top-1", "(10% of train held out); test is only reported",
+              "",
+              "seed spread rule: two students differ by less than their seed spread when, at the selected epoch,",
+              "|mean a - mean b| < std a + std b"]
+    lines += [f"  {line}" for line in spread_lines(result.students)]
+    lines += [f"  failed: {error}" for error in result.errors]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out = Path(args.out)
-    rows = run_demo(out, args.workers, args.seed, args.teacher_epochs, args.student_epochs)
+    result = run_demo(Path(args.out), args.workers, args.seed, args.teacher_epochs, args.student_epochs,
+                      args.student_workers)
     print()
-    print(format_table(rows))
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
+    print(format_table(result))
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; MLflow parent run {result.parent_run_id}")
     print(f"browse the runs: {tracking.ui_hint(tracking.tracking_uri(), EXPERIMENT)}")
     return 0
