@@ -356,16 +356,19 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
     state = json.loads(tune.read_text(state_file) or "{}") if resume else {}
     if resume and not state and not ray_tune.Tuner.can_restore(study_dir):
         raise StudyError(f"no study to resume at {study_dir}")
-    teacher_configs = {pair: next(c for (p, _, _), c in configs.items() if p == pair and c["teacher"]["source"])
-                       for pair in study["pairs"]}
+    # A pair's config that names its teacher (any of its configs when none does: a study of CE students).
+    pair_configs = {pair: next((c for (p, _, _), c in configs.items() if p == pair and c["teacher"]["source"]),
+                               next(c for (p, _, _), c in configs.items() if p == pair)) for pair in study["pairs"]}
     infos, checked = {}, set()
-    for pair, cfg in teacher_configs.items():  # refuses a bad split early
+    for pair, cfg in pair_configs.items():  # refuses a bad split early
         path = cfg["data"]["path"]
         infos[pair] = run_lib.dataset_info(cfg, verify=path not in checked)  # checksums once per dataset, not per pair
         checked.add(path)
     run_lib.ensure_ray()
     teachers, by_source = {}, {}
-    for pair, cfg in teacher_configs.items():
+    for pair, cfg in pair_configs.items():
+        if not cfg["teacher"]["source"]:
+            continue
         source = cfg["teacher"]["source"]
         if source not in by_source:  # one load and one object per teacher, however many pairs share it
             by_source[source] = run_lib.load_teacher(cfg, infos[pair])
@@ -543,10 +546,11 @@ def aggregate(study: dict[str, Any], rows: list[dict[str, Any]], teachers: dict)
     """Per pair: the teacher, then each method: n, mean and std of test top-1 at the selected and last epochs."""
     table = []
     for pair in study["pairs"]:
-        teacher, name = teachers[pair], pair_name(pair)
-        table.append({"pair": name, "method": f"teacher {teacher.spec['name']}", "n": 1,
-                      "selected": (teacher.accuracy, 0.0) if teacher.accuracy is not None else None, "last": None,
-                      "val": None, "ece": None})
+        teacher, name = teachers.get(pair), pair_name(pair)
+        if teacher is not None:
+            table.append({"pair": name, "method": f"teacher {teacher.spec['name']}", "n": 1,
+                          "selected": (teacher.accuracy, 0.0) if teacher.accuracy is not None else None,
+                          "last": None, "val": None, "ece": None})
         for label in study["methods"]:
             runs = [r for r in rows if r["pair"] == name and r["method"] == label]
             if not runs:
@@ -592,8 +596,8 @@ def plot(study: dict[str, Any], rows: list[dict[str, Any]], table: list[dict[str
                 ax.scatter([i + offset] * len(values), values, color=color, alpha=0.45, s=14)
                 ax.errorbar(i + offset, mean, yerr=std, fmt="_", color=color, capsize=5, markersize=16,
                             label=name if i == 0 else None)
-        teacher = next(r for r in table if r["pair"] == pair and r["method"].startswith("teacher"))
-        if teacher["selected"] is not None:
+        teacher = next((r for r in table if r["pair"] == pair and r["method"].startswith("teacher")), None)
+        if teacher is not None and teacher["selected"] is not None:
             ax.axhline(teacher["selected"][0], color="grey", linestyle="--", linewidth=1,
                        label=f"{teacher['method']} ({teacher['selected'][0]:.1f})")
         ax.set_xticks(range(len(labels)), labels, rotation=20)

@@ -56,10 +56,14 @@ def ray_session():
     not installed (the GPU machine of scripts/gpu-check has torch and pytest only)."""
     ray = pytest.importorskip("ray")
 
+    auth = os.environ.get("RAY_AUTH_MODE")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only instance for tests
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    # address="local": always a new instance, never a cluster that RAY_ADDRESS or a running `ray start` names.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
+    if auth is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 @pytest.fixture(scope="session")

@@ -191,3 +191,60 @@ def test_a_stopped_run_ends_killed_and_the_same_command_continues_the_same_run(r
     fourth = subprocess.run([sys.executable, "-m", "pipeline", *again], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=300)
     assert fourth.returncode == 2 and "already finished" in fourth.stderr, fourth.stderr[-2000:]
+
+
+def children_of(c: mlflow.MlflowClient, experiment: str) -> tuple[list, list]:
+    """(parent runs, their child runs) of an experiment."""
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id]) if exp else []
+    return ([r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+            [r for r in runs if "mlflow.parentRunId" in r.data.tags])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["tune", "study"])
+def test_a_stopped_sweep_or_study_ends_killed_and_resumes_its_parent(command, ray_session, tiny_overrides, tmp_path):
+    from test_autoscale import wait_for
+
+    epochs = 6
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [*tiny_overrides, f"train.storage_path={tmp_path / 'runs'}", f"optim.epochs={epochs}",
+              "train.workers=1", "train.cpus_per_worker=1"]
+    if command == "tune":
+        argv = ["tune", "--recipe", "test_tiny", "--space", "ce", "--samples", "2", "--scheduler", "fifo", *common]
+    else:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text("description: stopped study\npairs: [test_tiny]\nmethods:\n  ce: {name: ce}\n"
+                        "seeds: [0, 1]\n")
+        argv = ["study", "--spec", str(spec), *common]
+    c = mlflow.MlflowClient(uri)
+    log = tmp_path / "first.log"
+    job = stkd_job(argv, ray_session, log, uri)
+
+    def a_trial_logged_two_epochs() -> bool:
+        assert job.poll() is None, log.read_text()[-3000:]
+        return any(len(c.get_metric_history(r.info.run_id, "loss/total")) >= 2
+                   for r in children_of(c, "stkd-tests")[1])
+
+    wait_for(a_trial_logged_two_epochs, 300, "a trial's second epoch")
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=300) == 143, log.read_text()[-3000:]
+    first = log.read_text()
+    assert re.search(rf"stkd {command}: stopped by SIGTERM; continue with: stkd {command} --resume --name ", first), \
+        first[-3000:]
+    assert "SIGTERM received at time" not in first and "Traceback" not in driver_lines(first), first[-3000:]
+    [parent], trials = children_of(c, "stkd-tests")
+    assert parent.info.status == "KILLED" and parent.data.tags["continue_with"].startswith(f"stkd {command} --resume")
+    assert all(t.info.status != "RUNNING" for t in trials), "no trial run left RUNNING"
+
+    again = subprocess.run([sys.executable, "-m", "pipeline", *continued(first)], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=900, env={**os.environ, "MLFLOW_TRACKING_URI": uri,
+                                                        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    [resumed], trials = children_of(c, "stkd-tests")
+    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials), \
+        [(t.info.run_name, t.info.status) for t in trials]
+    for t in trials:
+        steps = sorted(m.step for m in c.get_metric_history(t.info.run_id, "loss/total"))
+        assert steps == list(range(epochs)), (t.info.run_name, steps)

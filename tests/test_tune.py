@@ -159,3 +159,20 @@ def test_latest_sweep_by_the_time_in_its_name(tmp_path):
     assert tune.latest_sweep(str(tmp_path), "tune-demo-") == "tune-demo-20261125-101500-aaaa"
     assert tune.STAMP.search(tune.new_sweep_name("tune-demo"))
     assert tune.latest_sweep(str(tmp_path / "none"), "tune-demo-") is None
+
+
+def test_stopped_trials_give_their_placement_groups_back(sweep_result, ray_session):
+    """ray-project/ray#54305: a Train V2 trial that ASHA stopped could leave its workers' placement group
+    behind, holding the CPUs the next trial needs. On Ray 2.60, every group is removed once the sweep ends."""
+    import time
+
+    from ray.util import placement_group_table
+
+    assert sweep_result  # the sweep (its ASHA stops, if any) has run on this session's Ray
+    deadline = time.monotonic() + 60
+    while True:
+        left = {pg_id: pg["state"] for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not left, f"placement groups left after the sweep: {left}"

@@ -235,3 +235,40 @@ def test_bad_recipe_job_fails_with_the_validation_message(local_cluster, jobs: d
     ids = [e["experiment_id"] for e in experiments]
     running = c.search_runs(ids, "attributes.status = 'RUNNING'")
     assert not running, [(r["info"]["run_name"], r["info"]["status"]) for r in running]
+
+
+def test_ray_job_stop_then_the_same_job_continues_the_same_run(local_cluster, jobs: dict):
+    """`ray job stop` (SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S) mid-run, then the same job
+    submitted again: one MLflow run, FINISHED, every epoch once; the jobs STOPPED then SUCCEEDED."""
+    c = local_cluster
+    epochs, tag = 30, uuid.uuid4().hex[:6]
+    job = ["stkd", "distill", "--recipe", "demo_student", f"data.path={jobs['data']}",
+           f"train.storage_path={jobs['runs']}", f"optim.epochs={epochs}", f"train.run_name=e2e-stop-{tag}",
+           "mlflow.experiment=e2e-stop"]
+    first, second = f"e2e-stop-{tag}-1", f"e2e-stop-{tag}-2"
+    c.submit(first, *job)
+
+    def epochs_logged() -> int:
+        try:
+            runs = c.search_runs([experiment_id(c, "e2e-stop")])
+        except urllib.error.HTTPError:  # the experiment does not exist yet
+            return 0
+        return len(history(c, runs[0]["info"]["run_id"], "loss/total")) if runs else 0
+
+    deadline = time.monotonic() + 600
+    while epochs_logged() < 3:
+        assert c.job(first)["status"] in ("PENDING", "RUNNING"), c.logs(first)
+        assert time.monotonic() < deadline, c.logs(first)
+        time.sleep(1)
+    c.ray("job", "stop", first)
+    assert c.wait_jobs(first)[first]["status"] == "STOPPED"
+    (run,) = c.search_runs([experiment_id(c, "e2e-stop")])
+    assert run["info"]["status"] == "KILLED", (run["info"], tags(run))
+    assert tags(run)["end_reason"].startswith("stopped by SIGTERM")
+    assert f"train.run_name=e2e-stop-{tag}" in tags(run)["continue_with"]
+
+    c.submit(second, *job)
+    assert c.wait_jobs(second)[second]["status"] == "SUCCEEDED", c.logs(second)
+    (resumed,) = c.search_runs([experiment_id(c, "e2e-stop")])
+    assert resumed["info"]["run_id"] == run["info"]["run_id"] and resumed["info"]["status"] == "FINISHED"
+    assert [step for step, _ in history(c, run["info"]["run_id"], "loss/total")] == list(range(epochs))
