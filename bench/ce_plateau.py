@@ -36,7 +36,7 @@ def train_ce(root: str, epochs: int, seed: int) -> dict:
     from pipeline.dataset import PreparedDataset
     from pipeline.train_loop import EpochSums, Step, evaluate, make_generators, make_scheduler, train_batch
     from stkd import methods, models
-    from stkd.precision import Precision, resolve_channels_last, resolve_precision
+    from stkd.precision import Precision, resolve_channels_last, resolve_for_device
 
     dataset = PreparedDataset.open(root, verify=False)
     images, labels = dataset.load_numpy("train")
@@ -44,7 +44,7 @@ def train_ce(root: str, epochs: int, seed: int) -> dict:
     held_out = np.zeros(len(labels), dtype=bool)
     held_out[split.positions] = True
     device = torch.device("cpu")
-    precision = resolve_precision("auto", "cpu")
+    precision = resolve_for_device("auto", device)  # as the workers resolve it: bf16 on a CPU with native bf16
     channels_last = resolve_channels_last("auto", "cpu", precision)
     torch.manual_seed(seed)
     student = models.create("resnet8", dataset.num_classes, in_channels=dataset.image_shape[2])
