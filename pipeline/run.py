@@ -241,8 +241,9 @@ def train(
     tags = {"method": config["method"]["name"], "student": config["model"]["student"], "dataset": info["path"],
             "seed": str(config["train"]["seed"]), "workers": str(config["train"]["workers"]),
             "train_rows": str(info["train_rows"]), "val_rows": str(info["val_rows"]), **(extra_tags or {})}
+    run_dir = f"{storage_dir(config)}/{run_name}"  # Ray Train's folder for this run
     if parent_run_id is None:  # what the same command, naming this run, finds it by (earlier_attempt)
-        tags[RUN_KEY_TAG] = f"{storage_dir(config)}/{run_name}"
+        tags[RUN_KEY_TAG] = run_dir
     if teacher is not None:
         tags.update({"teacher_uri": teacher.uri, "teacher_model": teacher.spec["name"],
                      "teacher_object_id": teacher.ref.hex()})
@@ -269,7 +270,7 @@ def train(
         epoch_logger = EpochLogger(uri, run_id)
         if resume_run_id:  # epochs the earlier attempt logged after its last checkpoint are trained again
             epoch_logger.logged.update(logged_epochs(uri, run_id))
-        stop_file = f"{storage_dir(config)}/{run_name}/{stopping.STOP_FILE}"
+        stop_file = f"{run_dir}/{stopping.STOP_FILE}"
         storage.delete(stop_file)  # an earlier attempt's request is not this one's
         loop_context["stop_file"] = stop_file
         continue_with = stopping.continue_command(override=f"train.run_name={run_name}")
@@ -347,14 +348,19 @@ def stopped_early(uri: str, run_id: str, state: dict[str, Any], unlogged: list[i
                   checkpoint_path: str, continue_with: str) -> None:
     """The workers stopped on request and checkpointed: log what the controller could not, then end
     the run KILLED (:class:`stopping.Stopped`, raised here) with the command that continues it."""
-    by_epoch = {int(h["epoch"]): h for h in state["history"]}
+    log_unlogged_epochs(uri, run_id, state["history"], unlogged)
+    done = state["epoch"] + 1
+    raise stopping.Stopped(stopping.signals.requested or signal.SIGTERM,
+                           f"after epoch {done} of {epochs} (checkpoint {checkpoint_path})", continue_with)
+
+
+def log_unlogged_epochs(uri: str, run_id: str, history: list[dict[str, float]], unlogged: list[int]) -> None:
+    """Log from the checkpoint's history the epochs the controller could not, unless the run has them."""
+    by_epoch = {int(h["epoch"]): h for h in history}
     have = logged_epochs(uri, run_id)
     for epoch in unlogged:
         if epoch not in have and epoch in by_epoch:
             tracking.log_metrics(uri, run_id, {k: v for k, v in by_epoch[epoch].items() if k != "epoch"}, epoch)
-    done = state["epoch"] + 1
-    raise stopping.Stopped(stopping.signals.requested or signal.SIGTERM,
-                           f"after epoch {done} of {epochs} (checkpoint {checkpoint_path})", continue_with)
 
 
 def logged_epochs(uri: str, run_id: str) -> set[int]:
@@ -404,11 +410,7 @@ def log_step(step: str, record: dict[str, Any], state: dict[str, Any]) -> str | 
     uri, run_id = record["tracking_uri"], record["run_id"]
     c = tracking.client(uri)
     if step == "epochs":
-        have = {m.step for m in c.get_metric_history(run_id, "loss/total")}
-        by_epoch = {int(h["epoch"]): h for h in state["history"]}
-        for epoch in record["unlogged_epochs"]:
-            if epoch not in have:
-                tracking.log_metrics(uri, run_id, {k: v for k, v in by_epoch[epoch].items() if k != "epoch"}, epoch)
+        log_unlogged_epochs(uri, run_id, state["history"], record["unlogged_epochs"])
     elif step == "final":
         tracking.log_metrics(uri, run_id, record["final_metrics"], step=record["final_step"],
                              timestamp_ms=record["final_timestamp_ms"])
