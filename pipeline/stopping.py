@@ -171,8 +171,19 @@ def request_stop(stop_file: str) -> None:
     log.info("asked the workers to checkpoint after this epoch and stop (%s)", stop_file)
 
 
-def tune_stopper(signum: int) -> None:
-    """A first stop signal during ``Tuner.fit``: SIGUSR1 is Tune's own graceful stop (it saves the
-    experiment and returns); SIGINT is left to us (``TUNE_DISABLE_SIGINT_HANDLER``, set by the
-    command line) so that SIGTERM and Ctrl-C behave alike."""
+def interrupt_tune() -> bool:
+    """Tune's own graceful stop, SIGUSR1: ``Tuner.fit`` saves the experiment and returns, and a
+    restore runs its unfinished trials and the trials it had not started yet. (A Stopper's
+    ``stop_all`` instead marks the search finished: a restore would start none of the rest.)
+    Tune takes SIGUSR1 only when ``fit`` runs in the main thread; elsewhere this does nothing and
+    says so by returning False."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGUSR1)):
+        return False
     os.kill(os.getpid(), signal.SIGUSR1)
+    return True
+
+
+def tune_stopper(signum: int) -> None:
+    """A first stop signal during ``Tuner.fit``: Tune's graceful stop. SIGINT is left to us
+    (``TUNE_DISABLE_SIGINT_HANDLER``, set by the command line) so that SIGTERM and Ctrl-C behave alike."""
+    interrupt_tune()

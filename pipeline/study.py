@@ -452,11 +452,14 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
         with stopping.signals.graceful(stopping.tune_stopper):
             results = tuner.fit()
         stopping.signals.check(continue_with=stopping.continue_command(resume_name=name))
-        sweep_progress.check_timed_out(progress, f"study {name} (tuning)", "--resource-timeout SECONDS")
+        sweep_progress.check_timed_out(progress, f"study {name} (tuning)", "--resource-timeout SECONDS",
+                                       stopping.continue_command(resume_name=name))
     finally:
         tune.close_trial_runs(uri, experiment, parent_run_id, epochs)
     reported = []
     for result in results:
+        if not result.config:  # a trial stopped before its first report: nothing to choose from
+            continue
         cell = tuple(result.config["cell"])
         reported.append({"cell": cell, "params": {k: result.config[k] for k in keys[cell[1]]},
                          "metrics": result.metrics, "error": result.error is not None})
@@ -464,7 +467,7 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
     missing = [cell for cell in configs if cell not in winners]
     if missing:
         errors = [str(r.error).strip().splitlines()[-1] for r in results
-                  if r.error is not None and tuple(r.config["cell"]) in missing]
+                  if r.error is not None and r.config and tuple(r.config["cell"]) in missing]
         which = ", ".join(f"{label} on {pair_name(pair)}" for pair, label in missing)
         raise RuntimeError(f"study {name}: no tuning trial of {which} finished"
                            + (f"; first error: {errors[0]}" if errors else ""))
@@ -514,7 +517,8 @@ def run_seeds(study: dict[str, Any], configs: dict, teachers: dict, name: str, p
         with stopping.signals.graceful(stopping.tune_stopper):
             results = tuner.fit()
         stopping.signals.check(continue_with=stopping.continue_command(resume_name=name))
-        sweep_progress.check_timed_out(progress, f"study {name}", "--resource-timeout SECONDS")
+        sweep_progress.check_timed_out(progress, f"study {name}", "--resource-timeout SECONDS",
+                                       stopping.continue_command(resume_name=name))
     finally:
         tune.close_trial_runs(uri, experiment, parent_run_id, epochs)
     return results

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from pipeline import config as config_lib
+from pipeline import stopping
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,14 @@ class Progress:
     """
 
     def __new__(cls, metric: str, epochs: int, need: dict[str, float], timeout_s: float,
-                pending=pending_placement_groups, clock=time.monotonic):
+                pending=pending_placement_groups, clock=time.monotonic, interrupt=stopping.interrupt_tune):
         from ray import tune
 
         class _Progress(tune.Callback):
             def __init__(self):
                 self.best = None
                 self.timed_out: str | None = None
+                self.interrupted = False  # the timeout stopped Tune as a stop signal does (resumable)
                 self.last_log = self.last_table = self.last_check = 0.0
                 self.progressed = None  # when a trial last reported, or nothing was pending
                 self.reported: set[str] = set()
@@ -121,9 +123,10 @@ class Progress:
                     self.waiting = pending()
                     if not self.waiting:
                         self.progressed = now
-                    elif now - self.progressed > timeout_s:
+                    elif now - self.progressed > timeout_s and self.timed_out is None:
                         self.timed_out = (f"for {timeout_s:.0f} s no trial progressed while "
                                           f"{self.describe_wait(trials)}; the cluster did not grow to fit them")
+                        self.interrupted = interrupt()
                 if now - self.last_log >= SUMMARY_EVERY_S:
                     self.log(trials, table=now - self.last_table >= TABLE_EVERY_S)
 
@@ -158,7 +161,8 @@ class Progress:
 
 
 def resource_stopper(progress):
-    """A Tune stopper ending the whole sweep once ``progress`` saw trials wait too long for resources."""
+    """A Tune stopper ending the whole sweep once ``progress`` saw trials wait too long for resources,
+    where Tune's graceful stop (:func:`stopping.interrupt_tune`) could not."""
     from ray import tune
 
     class _ResourceTimeout(tune.Stopper):
@@ -166,7 +170,7 @@ def resource_stopper(progress):
             return False
 
         def stop_all(self):
-            return progress.timed_out is not None
+            return progress.timed_out is not None and not progress.interrupted
 
     return _ResourceTimeout()
 
@@ -175,7 +179,8 @@ class ResourceTimeout(config_lib.ConfigError):
     """Trials waited longer than ``tune.resource_timeout_s`` for resources that never came."""
 
 
-def check_timed_out(progress, what: str, timeout_option: str) -> None:
+def check_timed_out(progress, what: str, timeout_option: str, continue_with: str) -> None:
     if progress.timed_out:
         raise ResourceTimeout(f"{what}: {progress.timed_out}. Check that the cluster can hold one trial (node types, "
-                              f"max_workers, `ray status`), or wait longer ({timeout_option})")
+                              f"max_workers, `ray status`), or wait longer ({timeout_option}); then continue it "
+                              f"with: {continue_with}")

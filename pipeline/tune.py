@@ -202,7 +202,7 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
                 results = tuner.fit()
             stopping.signals.check(continue_with=stopping.continue_command(resume_name=name))
             check_timed_out(progress, f"sweep {name}", "tune.resource_timeout_s=SECONDS or "
-                            "--resource-timeout SECONDS")
+                            "--resource-timeout SECONDS", stopping.continue_command(resume_name=name))
         finally:
             close_trial_runs(uri, base["mlflow"]["experiment"], parent_run_id, epochs)
         return summarize(results, base, space, uri, parent_run_id, name)

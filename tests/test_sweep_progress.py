@@ -3,6 +3,8 @@ that ends a sweep whose cluster never grows."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pipeline import sweep_progress
@@ -70,7 +72,8 @@ def test_the_table_comes_every_minute_and_at_the_end(ray_session, caplog):
 def test_waiting_for_resources_is_shown_and_ends_the_sweep(ray_session, caplog):
     now = [0.0]
     pending = [[{"CPU": 2.0}]]
-    progress = Progress("val/top1", 2, {"CPU": 2.0}, timeout_s=60, pending=lambda: pending[0], clock=lambda: now[0])
+    progress = Progress("val/top1", 2, {"CPU": 2.0}, timeout_s=60, pending=lambda: pending[0], clock=lambda: now[0],
+                        interrupt=lambda: False)  # as where Tune's fit runs outside the main thread
     stopper = sweep_progress.resource_stopper(progress)
     trials = [FakeTrial("t1"), FakeTrial("t2", "PENDING")]
     caplog.set_level("INFO", logger=sweep_progress.__name__)
@@ -89,11 +92,39 @@ def test_waiting_for_resources_is_shown_and_ends_the_sweep(ray_session, caplog):
         progress.on_step_end(0, trials)
     assert stopper.stop_all() and "for 60 s no trial progressed" in progress.timed_out
     with pytest.raises(sweep_progress.ResourceTimeout,
-                       match="sweep s: for 60 s no trial progressed.*--resource-timeout"):
-        sweep_progress.check_timed_out(progress, "sweep s", "--resource-timeout SECONDS")
+                       match="sweep s: for 60 s no trial progressed.*--resource-timeout.*continue it with: stkd"):
+        sweep_progress.check_timed_out(progress, "sweep s", "--resource-timeout SECONDS", "stkd tune --resume")
     pending[0] = []  # resources arrived: waiting is no failure
     fresh = Progress("val/top1", 2, {"CPU": 2.0}, timeout_s=60, pending=lambda: pending[0], clock=lambda: now[0])
     for t in range(125, 400, 5):
         now[0] = t
         fresh.on_step_end(0, trials)
     assert fresh.timed_out is None
+
+
+def test_a_sweep_the_resource_timeout_ended_resumes_every_trial(ray_session, tmp_path):
+    """The timeout stops Tune as a stop signal does: the restored sweep runs the trial it cut short and
+    the trials it had not started yet (a Stopper's ``stop_all`` marks the search finished: none would run)."""
+    from ray import tune
+
+    from pipeline import tune as sweep
+
+    def trainable(config):
+        for step in range(3):
+            time.sleep(0.5)
+            tune.report({"val/top1": float(step)})
+
+    base = {"tune": {"max_failures": 0}}
+    stalled = Progress("val/top1", 3, {"CPU": 1.0}, timeout_s=1, pending=lambda: [{"CPU": 1.0}])
+    tuner = tune.Tuner(tune.with_resources(trainable, {"CPU": 1}), param_space={"x": tune.grid_search([1, 2, 3])},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=1),
+                       run_config=sweep.run_config(base, "stalled", str(tmp_path), stalled))
+    first = tuner.fit()
+    assert stalled.timed_out
+    assert len(first) < 3, "the timeout came before the last trial started"
+
+    progress = Progress("val/top1", 3, {"CPU": 1.0}, timeout_s=60, pending=lambda: [])
+    results = sweep.restore(str(tmp_path / "stalled"), tune.with_resources(trainable, {"CPU": 1}), base, progress).fit()
+    assert progress.timed_out is None
+    assert sorted(r.config["x"] for r in results) == [1, 2, 3]
+    assert [r.metrics["training_iteration"] for r in results] == [3, 3, 3] and not [r for r in results if r.error]
