@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from pipeline import (checkpoint, config as config_lib, progress, stopping, storage, system_metrics, teacher_store,
+from pipeline import (checkpoint, config as config_lib, progress, ray_worker, stopping, storage, system_metrics, teacher_store,
                       tracking, val_split)
 from pipeline.dataset import PreparedDataset
 
@@ -117,7 +117,8 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(log_to_driver=True, logging_level=logging.WARNING,
+                 runtime_env={"worker_process_setup_hook": ray_worker.SETUP_HOOK})
         stopping.signals.reinstall()  # ray.init sets a SIGTERM handler of its own
 
 

@@ -59,7 +59,12 @@ def ray_session():
     auth = os.environ.get("RAY_AUTH_MODE")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only instance for tests
     # address="local": always a new instance, never a cluster that RAY_ADDRESS or a running `ray start` names.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    from pipeline import ray_worker
+
+    # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner needs to free the
+    # workers' placement group of a trial Tune stops; the hook tells it which Ray to ask (ray_worker).
+    ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": ray_worker.SETUP_HOOK})
     yield ray
     ray.shutdown()
     if auth is None:
@@ -127,3 +132,26 @@ def unique_images(tmp_path_factory) -> Path:
 
     return prepared_random_images(tmp_path_factory.mktemp("unique"), {"train": (23, 23, 23), "test": (11, 11, 11)},
                                   seed=0)
+
+
+@pytest.fixture(scope="module")
+def another_ray():
+    """A second, idle Ray instance on this machine for as long as a module's tests run: what a shared
+    machine (another user's Ray, a second local cluster) looks like to code that looks for "the" Ray."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    code = ("import sys, ray; ray.init(address='local', num_cpus=1, include_dashboard=False, "
+            "logging_level='ERROR'); print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()")
+    other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    address = other.stdout.readline().strip()
+    assert address, "the second Ray instance did not start"
+    yield address
+    other.stdin.close()  # its driver returns and ray.init's atexit shuts its instance down
+    try:
+        other.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        other.kill()
+        other.wait()
