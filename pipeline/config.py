@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import tracking
+from pipeline import storage, tracking
 from stkd import methods, models, precision
 
 log = logging.getLogger(__name__)
@@ -257,16 +257,13 @@ def with_method(config: dict[str, Any], method: dict[str, Any]) -> dict[str, Any
 
 def resolve_paths(config: dict[str, Any]) -> dict[str, Any]:
     """Make local paths absolute on the driver: Ray workers and Tune trials run in other directories."""
-    def absolute(value: str) -> str:
-        return value if "://" in value else str(Path(value).expanduser().resolve())
-
-    config["data"]["path"] = absolute(config["data"]["path"])
-    config["train"]["storage_path"] = absolute(config["train"]["storage_path"])
+    config["data"]["path"] = storage.absolute(config["data"]["path"])
+    config["train"]["storage_path"] = storage.absolute(config["train"]["storage_path"])
     # The driver's tracking store (MLFLOW_TRACKING_URI, the config, or ./mlflow.db) for every process.
     config["mlflow"]["tracking_uri"] = tracking.tracking_uri(config)
     source = config["teacher"]["source"]
     if source and Path(source).expanduser().exists():
-        config["teacher"]["source"] = absolute(source)
+        config["teacher"]["source"] = storage.absolute(source)
     return config
 
 

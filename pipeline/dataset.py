@@ -2,8 +2,6 @@
 
 >>> ds = PreparedDataset.open("data/cifar10")          # checks every shard's sha256 (verify=False: sizes only)
 >>> x, y = ds.load_numpy("train")                      # uint8 (N, H, W, C), int64 (N,)
->>> rd = ds.to_ray_dataset("train")                    # ray.data.read_parquet over the shards
->>> images, labels = ds.decode_batch(batch)            # a Ray Data numpy batch -> arrays
 """
 
 from __future__ import annotations
@@ -12,13 +10,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["DatasetError", "FORMAT_VERSION", "PreparedDataset", "decode_batch", "decode_images"]
+__all__ = ["DatasetError", "FORMAT_VERSION", "MANIFEST", "PreparedDataset", "decode_images", "file_sha256"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the layout below, written by pipeline.prepare
 MANIFEST = "manifest.json"
 
 
@@ -104,16 +102,7 @@ def decode_images(column: Any, image_shape: Sequence[int]) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8).reshape(n, *shape)
 
 
-def decode_batch(batch: Mapping[str, Any], image_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """A Ray Data numpy batch ``{"image": bytes column, "label": ...}`` -> (uint8 NHWC, int64 labels)."""
-    try:
-        images, labels = batch["image"], batch["label"]
-    except KeyError as e:
-        raise DatasetError(f"batch has no {e.args[0]!r} column (has {sorted(batch)})") from None
-    return decode_images(images, image_shape), np.asarray(labels, dtype=np.int64)
-
-
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -190,7 +179,7 @@ class PreparedDataset:
         for split, info in self.splits.items():
             for shard in info["shards"]:
                 p = self.root / shard["file"]
-                got = _sha256(p)
+                got = file_sha256(p)
                 if got != shard["sha256"]:
                     raise DatasetError(
                         f"{p}: sha256 mismatch (got {got}, manifest says {shard['sha256']}): the shard is "
@@ -272,16 +261,6 @@ class PreparedDataset:
             labels[pos : pos + m] = table.column("label").to_numpy()
             pos += m
         return images, labels
-
-    def to_ray_dataset(self, split: str, **read_parquet_kwargs):
-        """``ray.data.read_parquet`` over the shards of ``split`` (columns image: bytes, label: int64)."""
-        import ray.data
-
-        return ray.data.read_parquet(self.shard_paths(split), **read_parquet_kwargs)
-
-    def decode_batch(self, batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """:func:`decode_batch` with this dataset's image shape."""
-        return decode_batch(batch, self.image_shape)
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{s}={i['rows']}" for s, i in self.splits.items())

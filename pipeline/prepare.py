@@ -16,7 +16,6 @@ renamed into place at the end, so a failed or interrupted prepare leaves nothing
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -24,10 +23,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from .dataset import FORMAT_VERSION, MANIFEST, file_sha256
 from .sources import KINDS, PrepareError, Source, open_source
 
 __all__ = [
@@ -35,15 +34,12 @@ __all__ = [
     "PrepareError",
     "SHUFFLE_SEED",
     "add_arguments",
-    "main",
     "prepare",
     "run",
     "summary",
 ]
 
-FORMAT_VERSION = 1
 SHUFFLE_SEED = 0
-MANIFEST = "manifest.json"
 _STATS_CHUNK = 1024  # images per chunk of the float64 mean/std accumulation
 _MAX_ARROW_CHUNK_BYTES = 1 << 30  # keep int32 binary offsets far from overflow
 
@@ -151,11 +147,6 @@ def _binary_array(images: np.ndarray):
     return pa.chunked_array(chunks, type=pa.binary())
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> str:
     """Write one Parquet shard (columns image, label); returns its sha256."""
     import pyarrow as pa
@@ -170,7 +161,7 @@ def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> str:
         write_statistics=["label"],
         row_group_size=max(len(labels), 1),
     )
-    return _sha256(path)
+    return file_sha256(path)
 
 
 def _collect(split, check: _Checker, bar) -> tuple[np.ndarray, np.ndarray]:
@@ -435,13 +426,3 @@ def run(args: argparse.Namespace) -> int:
     print(summary(manifest, Path(args.out).expanduser().absolute()))
     print(f"  took:        {time.perf_counter() - start:.1f} s")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stkd prepare", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

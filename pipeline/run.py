@@ -319,8 +319,7 @@ RUN_KEY_TAG = "run_key"  # storage/run_name of a named run: the same command fin
 
 
 def storage_dir(config: dict[str, Any]) -> str:
-    storage = config["train"]["storage_path"]
-    return storage.rstrip("/") if "://" in storage else str(Path(storage).resolve())
+    return storage.absolute(config["train"]["storage_path"])
 
 
 def earlier_attempt(uri: str, experiment: str, run_key: str) -> str | None:
@@ -455,9 +454,7 @@ def log_later(path: str, wait_s: float) -> tuple[dict[str, Any], list[str], str 
     import mlflow
     from ray.train import Checkpoint
 
-    if "://" not in path:
-        path = str(Path(path).expanduser().resolve())
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(storage.absolute(path))
     with ckpt.as_directory() as directory:
         record = read_json(Path(directory) / RUN_FILE)
         if record is None:

@@ -5,11 +5,24 @@ from __future__ import annotations
 import contextlib
 
 
+def is_uri(path: str) -> bool:
+    """A URI (s3://, gs://, ...), as opposed to a local path."""
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray workers and Tune trials run in other directories); a URI as is,
+    without a trailing slash."""
+    from pathlib import Path
+
+    return path.rstrip("/") if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
 def filesystem(path: str):
     """A pyarrow filesystem and path for a local path or a URI (s3://, gs://, ...)."""
     import pyarrow.fs
 
-    if "://" in path:
+    if is_uri(path):
         return pyarrow.fs.FileSystem.from_uri(path)
     return pyarrow.fs.LocalFileSystem(), path
 

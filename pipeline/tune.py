@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from pipeline import config as config_lib, run as run_lib, search_space, stopping, teacher_store, tracking
-from pipeline.storage import filesystem, read_text, write_text  # noqa: F401 (study.py reads them here)
+from pipeline.storage import filesystem, is_uri, read_text, write_text  # noqa: F401 (study.py reads them here)
 from pipeline.sweep_progress import Progress, check_timed_out, resource_stopper
 
 log = logging.getLogger(__name__)
@@ -368,7 +368,7 @@ def summarize(results, base, space, uri, parent_run_id, name) -> dict[str, Any]:
 def results_dir(storage: str, name: str) -> Path:
     """Where a sweep or study writes its tables and plots: beside its Tune state when storage is local;
     for a URI, a local folder that :func:`publish` copies there."""
-    out_dir = Path(storage) / name if "://" not in storage else Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    out_dir = Path(tempfile.mkdtemp(prefix=f"{name}-")) if is_uri(storage) else Path(storage) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
@@ -376,7 +376,7 @@ def results_dir(storage: str, name: str) -> Path:
 def publish(out_dir: Path, storage: str, name: str, files: list[Path]) -> list[str]:
     """The sweep's result files in its folder on ``storage`` (copied there when it is a URI, such as
     s3://); returns where each one is."""
-    if "://" not in storage:
+    if not is_uri(storage):
         return [str(f) for f in files]
     import pyarrow.fs
 

@@ -1,6 +1,6 @@
-"""Reading a prepared dataset: PreparedDataset.open/verify, load_numpy, decode_images/decode_batch.
+"""Reading a prepared dataset: PreparedDataset.open/verify, load_numpy, decode_images.
 
-The Ray Data round trip (to_ray_dataset) is tested by the lead's Ray tests, not here.
+The Ray Data path (pipeline.data_feed) is tested in test_data_feed.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.dataset import DatasetError, PreparedDataset, decode_batch, decode_images
+from pipeline.dataset import DatasetError, PreparedDataset, decode_images
 from pipeline.prepare import prepare
 
 try:
@@ -162,21 +162,6 @@ def test_decode_images_rejects_wrong_sizes():
         decode_images(pa.array([good, bytes(23)]), (4, 3, 2))
     with pytest.raises(DatasetError, match="image_shape"):
         decode_images([good], (24,))
-
-
-def test_decode_batch(prepared):
-    out, _, truth = prepared
-    ds = PreparedDataset.open(out, verify=False)
-    table = pq.read_table(ds.shard_paths("test")[0])
-    batch = {"image": table.column("image").to_numpy(zero_copy_only=False), "label": table.column("label").to_numpy()}
-    images, labels = decode_batch(batch, ds.image_shape)
-    np.testing.assert_array_equal(images, truth["splits"]["test"][0][:4])
-    np.testing.assert_array_equal(labels, truth["splits"]["test"][1][:4])
-    assert labels.dtype == np.int64
-    images2, _ = ds.decode_batch(batch)
-    np.testing.assert_array_equal(images2, images)
-    with pytest.raises(DatasetError, match="no 'label' column"):
-        decode_batch({"image": batch["image"]}, ds.image_shape)
 
 
 def test_shard_sizes_are_checked_on_every_open_and_checksums_only_when_asked(copy):

@@ -15,7 +15,8 @@ import pytest
 from pipeline import prepare as prepare_mod
 from pipeline import sources
 from pipeline.dataset import PreparedDataset
-from pipeline.prepare import PrepareError, add_arguments, main, prepare, run, summary
+from pipeline.cli import main as stkd
+from pipeline.prepare import PrepareError, add_arguments, prepare, run, summary
 
 try:
     from tests import fixtures_data as fx
@@ -627,10 +628,10 @@ def test_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "4x5x3" in printed and "in 3 shards" in printed
     # refused without --overwrite: exit status 2 and a message, data intact
-    assert main([str(truth["folder"]), "--out", str(out), "--no-progress"]) == 2
+    assert stkd(["prepare", str(truth["folder"]), "--out", str(out), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main([str(truth["folder"]), "--out", str(out), "--overwrite", "--kind", "imagefolder",
+    assert stkd(["prepare", str(truth["folder"]), "--out", str(out), "--overwrite", "--kind", "imagefolder",
                  "--no-progress"]) == 0
     assert PreparedDataset.open(out).image_shape == (8, 6, 3)
     with pytest.raises(SystemExit):
-        main([str(truth["folder"]), "--out", str(out), "--resize", "0"])
+        stkd(["prepare", str(truth["folder"]), "--out", str(out), "--resize", "0"])
