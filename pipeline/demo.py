@@ -38,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray Train workers of each student's run (one Ray Tune trial each)")
     parser.add_argument("--teacher-epochs", type=int, default=None, help="override the recipe's teacher epochs")
     parser.add_argument("--student-epochs", type=int, default=None, help="override the recipe's student epochs")
-    parser.add_argument("--seed", type=int, default=0, help="the teacher's seed (the students run the study's seeds)")
+    parser.add_argument("--seed", type=int, default=0, help="the teacher's seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="the students' seeds, at least two (default: the demo study's 0 1 2); more seeds, "
+                             "a tighter mean ± std, one Ray Tune trial more per method each")
 
 
 @dataclass
@@ -96,10 +99,14 @@ def spread_lines(students: list[Student]) -> list[str]:
 
 
 def run_demo(out: Path, workers: int, seed: int, teacher_epochs: int | None = None,
-             student_epochs: int | None = None, student_workers: int = STUDENT_WORKERS) -> Result:
+             student_epochs: int | None = None, student_workers: int = STUDENT_WORKERS,
+             seeds: list[int] | None = None) -> Result:
     """Run the demo as one MLflow parent run holding the comparison: the teacher's run, then the demo
-    study's student runs (every run selected on its validation split), its table and plot."""
+    study's student runs over ``seeds`` (every run selected on its validation split), its table and plot."""
     from pipeline.prepare import prepare
+
+    if seeds is not None and len(set(seeds)) < 2:
+        raise config_lib.ConfigError(f"--seeds: give at least two distinct seeds (a std needs two), got {seeds}")
 
     data = out / "digits"
     if not (data / "manifest.json").exists():
@@ -107,7 +114,7 @@ def run_demo(out: Path, workers: int, seed: int, teacher_epochs: int | None = No
         prepare("digits", data, progress=False)
     uri = tracking.tracking_uri()
     name = f"demo-{uuid.uuid4().hex[:4]}"
-    params = {"workers": workers, "student_workers": student_workers, "seed": seed,
+    params = {"workers": workers, "student_workers": student_workers, "seed": seed, "seeds": seeds,
               "teacher_epochs": teacher_epochs, "student_epochs": student_epochs}
     with tracking.tracked_run(uri, EXPERIMENT, name, params, {"kind": "demo"}) as parent_id:
         common = [f"data.path={data}", f"train.storage_path={(out / 'ray_results').resolve()}"]
@@ -115,7 +122,7 @@ def run_demo(out: Path, workers: int, seed: int, teacher_epochs: int | None = No
             teacher, register_as = train_teacher(common + [f"train.workers={workers}", f"train.seed={seed}"],
                                                  teacher_epochs)
             result = train_students(common + [f"train.workers={student_workers}"], register_as, student_epochs,
-                                    teacher, parent_id)
+                                    teacher, parent_id, seeds)
         except stopping.Stopped as e:
             # The teacher's run and the study say how to continue themselves (train.run_name=..., --resume),
             # which `stkd demo` does not take: a stopped demo starts over (here before the parent run's tag).
@@ -138,15 +145,15 @@ def train_teacher(overrides: list[str], epochs: int | None) -> tuple[Teacher, st
 
 
 def train_students(overrides: list[str], register_as: str, epochs: int | None, teacher: Teacher,
-                   parent_id: str) -> Result:
+                   parent_id: str, seeds: list[int] | None = None) -> Result:
     """The demo study: every (method, seed) a Ray Tune trial, one teacher object for all of them."""
     # @latest: the teacher just trained (a bare name means the registry's champion, maybe an earlier one).
     # Its test top-1 is read from that registered version, measured by its run on this test split.
     overrides = overrides + [f"teacher.source={register_as}@latest"]
-    spec = study_lib.load_study(STUDY, overrides)
+    spec = study_lib.load_study(STUDY, overrides, seeds)
     if epochs:  # the budget moves for every student alike, the CE student's included
         overrides = config_lib.with_epochs(overrides, config_lib.load(spec["pairs"][0], overrides), epochs)
-        spec = study_lib.load_study(STUDY, overrides)
+        spec = study_lib.load_study(STUDY, overrides, seeds)
     cells = spec["configs"]
     first = next(iter(cells.values()))
     print(f"[2/2] students {first['model']['student']}: {', '.join(spec['methods'])} x seeds "
@@ -225,7 +232,7 @@ def format_table(result: Result) -> str:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = run_demo(Path(args.out), args.workers, args.seed, args.teacher_epochs, args.student_epochs,
-                      args.student_workers)
+                      args.student_workers, args.seeds)
     print()
     print(format_table(result))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; MLflow parent run {result.parent_run_id}")

@@ -77,8 +77,10 @@ def find_study(name_or_path: str | Path) -> Path:
     return found
 
 
-def load_study(name_or_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read and check a spec, and resolve every cell's config before anything is scheduled.
+def load_study(name_or_path: str | Path, overrides: list[str] | None = None,
+               seeds: list[int] | None = None) -> dict[str, Any]:
+    """Read and check a spec, and resolve every cell's config before anything is scheduled; ``seeds``
+    replaces the spec's seeds.
 
     Returns ``{"file", "name", "description", "pairs", "methods", "seeds", "configs", "tune",
     "tune_configs"}`` where ``configs[(pair, label, seed)]`` is the validated config of that run;
@@ -93,7 +95,8 @@ def load_study(name_or_path: str | Path, overrides: list[str] | None = None) -> 
     if unknown:
         raise StudyError(f"{where}: unknown top-level key(s) {sorted(unknown)}; "
                          "expected description, pairs, methods, seeds, overrides, tune")
-    pairs, method_specs, seeds = spec.get("pairs"), spec.get("methods"), spec.get("seeds")
+    pairs, method_specs = spec.get("pairs"), spec.get("methods")
+    seeds = spec.get("seeds") if seeds is None else seeds
     if not isinstance(pairs, list) or not pairs or not all(isinstance(p, str) for p in pairs):
         raise StudyError(f"{where}: pairs: expected a non-empty list of recipe names, got {pairs!r}")
     if len({pair_name(p) for p in pairs}) != len(pairs):
