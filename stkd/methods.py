@@ -275,6 +275,33 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+POSITIVE_HPARAMS = ("temperature",)
+NON_NEGATIVE_HPARAMS = ("mixup_alpha", "warmup_epochs")  # and every method's loss weights
+CHOICE_HPARAMS = {"teacher_target": TEACHER_TARGETS}
+
+
+def check_hparam(cls: type[Method], key: str, value: Any) -> Any:
+    """One hyperparameter of ``cls`` checked alone (type, range, choices) and coerced to its default's
+    type; the one place its bounds live (search spaces check every value they allow here)."""
+    default = cls.defaults[key]
+    if isinstance(default, bool):
+        # Checked before numbers: bool is an int subclass, and 0/1 would silently pass as a switch.
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if key in CHOICE_HPARAMS:
+        if value not in CHOICE_HPARAMS[key]:
+            raise ValueError(f"{key} must be one of {list(CHOICE_HPARAMS[key])}, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    if key in POSITIVE_HPARAMS and not value > 0:
+        raise ValueError(f"{key} must be > 0, got {value}")
+    if (key in NON_NEGATIVE_HPARAMS or key in cls.weight_names) and not value >= 0:
+        raise ValueError(f"{key} must be >= 0, got {value}")
+    return type(default)(value) if isinstance(default, float) else value
+
+
 def validate_hparams(cls: type[Method], teacher: nn.Module | None, hparams: dict[str, Any]) -> dict[str, Any]:
     """Merge ``hparams`` over the defaults and check them; each failure names parameter and value."""
     name = next((k for k, v in REGISTRY.items() if v is cls), cls.__name__)
@@ -286,30 +313,7 @@ def validate_hparams(cls: type[Method], teacher: nn.Module | None, hparams: dict
         raise ValueError(f"method {name!r} needs a teacher, got teacher=None")
     if not cls.needs_teacher and teacher is not None:
         raise ValueError(f"method {name!r} trains the student alone and takes no teacher")
-    merged = {**cls.defaults, **hparams}
-    for key, value in merged.items():
-        default = cls.defaults[key]
-        if isinstance(default, bool):
-            # Checked before numbers: bool is an int subclass, and 0/1 would silently pass as a switch.
-            if not isinstance(value, bool):
-                raise ValueError(f"{key} must be true or false, got {value!r}")
-            continue
-        if isinstance(default, str):
-            if value not in TEACHER_TARGETS:
-                raise ValueError(f"{key} must be one of {list(TEACHER_TARGETS)}, got {value!r}")
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        merged[key] = type(default)(value) if isinstance(default, float) else value
-    if "temperature" in merged and not merged["temperature"] > 0:
-        raise ValueError(f"temperature must be > 0, got {merged['temperature']}")
-    if "mixup_alpha" in merged and not merged["mixup_alpha"] >= 0:
-        raise ValueError(f"mixup_alpha must be >= 0, got {merged['mixup_alpha']}")
-    if "warmup_epochs" in merged and merged["warmup_epochs"] < 0:
-        raise ValueError(f"warmup_epochs must be >= 0, got {merged['warmup_epochs']}")
-    for key in cls.weight_names:
-        if not merged[key] >= 0:
-            raise ValueError(f"{key} must be >= 0, got {merged[key]}")
+    merged = {key: check_hparam(cls, key, value) for key, value in {**cls.defaults, **hparams}.items()}
     if cls.weight_names and all(merged[k] == 0 for k in cls.weight_names):
         weights = {k: merged[k] for k in cls.weight_names}
         raise ValueError(f"loss weights must not all be zero, got {weights}")
