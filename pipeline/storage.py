@@ -27,20 +27,30 @@ def filesystem(path: str):
     return pyarrow.fs.LocalFileSystem(), path
 
 
-def read_text(path: str) -> str | None:
+def read_bytes(path: str) -> bytes | None:
+    """The file's bytes, or None if it is not there."""
     fs, inner = filesystem(path)
     try:
         with fs.open_input_stream(inner) as f:
-            return f.read().decode()
+            return f.read()
     except (FileNotFoundError, OSError):
         return None
 
 
-def write_text(path: str, text: str) -> None:
+def write_bytes(path: str, data: bytes) -> None:
     fs, inner = filesystem(path)
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(inner) as f:
-        f.write(text.encode())
+        f.write(data)
+
+
+def read_text(path: str) -> str | None:
+    data = read_bytes(path)
+    return None if data is None else data.decode()
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
 
 
 def exists(path: str) -> bool:

@@ -442,7 +442,9 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
             if spec["scheduler"] == "asha":
                 scheduler = per_cell_scheduler({
                     cell: tune.make_scheduler("asha", config, (uri, experiment, parent_run_id),
-                                              metric=spec["spaces"][cell[1]]["metric"], mode="max")
+                                              metric=spec["spaces"][cell[1]]["metric"], mode="max",
+                                              state_file=f"{tuning_dir}/{pair_name(cell[0])}-{cell[1]}-"
+                                                         f"{tune.ASHA_STATE}")
                     for cell, config in configs.items()})
             tuner = ray_tune.Tuner(
                 trainable, param_space=tuning_space(study),

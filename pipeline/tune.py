@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from pipeline import config as config_lib, run as run_lib, search_space, stopping, teacher_store, tracking
-from pipeline.storage import filesystem, is_uri, read_text, write_text  # noqa: F401 (study.py reads them here)
+from pipeline.storage import (filesystem, is_uri, read_bytes, read_text, write_bytes,  # noqa: F401 (study.py
+                              write_text)  # reads some of them here)
 from pipeline.sweep_progress import Progress, check_timed_out, resource_stopper
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,8 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
             if resume:
                 tuner = restore(sweep_dir, trainable, base, progress)
             else:
-                sched = make_scheduler(scheduler, base, (uri, base["mlflow"]["experiment"], parent_run_id))
+                sched = make_scheduler(scheduler, base, (uri, base["mlflow"]["experiment"], parent_run_id),
+                                       state_file=f"{sweep_dir}/{ASHA_STATE}")
                 tuner = tune.Tuner(
                     trainable,
                     param_space=search_space.to_tune(space["parameters"]),
@@ -234,6 +236,9 @@ def restore(sweep_dir: str, trainable, base: dict[str, Any], progress):
     restored = tuner._local_tuner.get_run_config()
     restored.callbacks, restored.stop, restored.failure_config = fresh.callbacks, fresh.stop, fresh.failure_config
     return tuner
+
+
+ASHA_STATE = "asha_state.pkl"  # in the sweep's folder: ASHA's rungs, for --resume
 
 
 def make_scheduler(scheduler: str, base: dict[str, Any], mlflow_parent: tuple[str, str, str], **asha: Any):
@@ -289,20 +294,58 @@ def trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str):
     return c, (runs[0] if runs else None)
 
 
-def make_asha(mlflow_parent: tuple[str, str, str], **kwargs):
+def make_asha(mlflow_parent: tuple[str, str, str], state_file: str | None = None, **kwargs):
     """ASHA that tags the MLflow run of every trial it stops, so the run can be ended as stopped early
-    rather than failed (stopping removes the trial's placement group, and its TorchTrainer dies)."""
+    rather than failed (stopping removes the trial's placement group, and its TorchTrainer dies).
+
+    It also keeps its rungs in ``state_file`` (beside the sweep's Tune state) after every result, and
+    a restored sweep's ASHA reads them back: Tune restores a sweep with the scheduler as it was created,
+    empty, so the trials after a ``--resume`` would be compared with none of those before it (the
+    first trial at each rung always goes on) and a resumed sweep would promote more than it should."""
     from ray.tune.schedulers import ASHAScheduler
 
     class MarkingASHA(ASHAScheduler):
+        def __init__(self, **asha):
+            super().__init__(**asha)
+            self.state_file, self.state_read = state_file, False
+
+        def read_state_once(self) -> None:
+            if self.state_read or not self.state_file:
+                return
+            self.state_read = True
+            saved = read_bytes(self.state_file)
+            if saved is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    (Path(tmp) / "asha.pkl").write_bytes(saved)
+                    self.restore(str(Path(tmp) / "asha.pkl"))  # ASHA's own save/restore: its whole state
+                log.info("ASHA's rungs read back from %s", self.state_file)
+
+        def write_state(self) -> None:
+            if self.state_file:
+                with tempfile.TemporaryDirectory() as tmp:
+                    self.save(str(Path(tmp) / "asha.pkl"))
+                    write_bytes(self.state_file, (Path(tmp) / "asha.pkl").read_bytes())
+
+        def on_trial_add(self, tune_controller, trial):
+            self.read_state_once()
+            if trial.trial_id not in self._trial_info:  # a restored trial keeps its bracket
+                super().on_trial_add(tune_controller, trial)
+
         def on_trial_result(self, tune_controller, trial, result):
+            self.read_state_once()
             action = super().on_trial_result(tune_controller, trial, result)
+            self.write_state()
             if action == self.STOP:
                 c, run = trial_run(*mlflow_parent, trial.trial_id)
                 if run is not None:
                     c.set_tag(run.info.run_id, "stopped_by_scheduler",
                               f"asha, after {result.get('epochs_done')} epochs")
             return action
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            self.read_state_once()
+            super().on_trial_complete(tune_controller, trial, result)
+            self.write_state()
 
     return MarkingASHA(**kwargs)
 

@@ -179,3 +179,37 @@ def test_stopped_trials_give_their_placement_groups_back(sweep_result, ray_sessi
             break
         time.sleep(1)
     assert not left, f"placement groups left after the sweep: {left}"
+
+
+class FakeTrial:
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
+def test_a_resumed_asha_compares_later_trials_with_the_rungs_from_before_the_stop(tiny_overrides, tmp_path):
+    """Tune restores a sweep's scheduler as it was created, empty; our ASHA reads its rungs back from
+    the sweep's folder, so a trial after ``--resume`` is stopped where it would have been without one."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("x")
+    base = tiny(tiny_overrides, "optim.epochs=8", "tune.grace_period=2")
+    state = str(tmp_path / "sweep" / tune.ASHA_STATE)
+
+    def asha(state_file):
+        return tune.make_scheduler("asha", base, (uri, "x", "parent"), state_file=state_file, metric="val/top1",
+                                   mode="max")
+
+    first = asha(state)
+    for trial_id, val in (("a", 70.0), ("b", 80.0)):
+        trial = FakeTrial(trial_id)
+        first.on_trial_add(None, trial)
+        assert first.on_trial_result(None, trial, {"epochs_done": 2, "val/top1": val}) == "CONTINUE"
+    # The sweep stops here. On --resume, Tune builds the scheduler afresh and re-adds the unfinished trials.
+    resumed = asha(state)
+    resumed.on_trial_add(None, FakeTrial("b"))
+    late = FakeTrial("c")
+    resumed.on_trial_add(None, late)
+    assert resumed.on_trial_result(None, late, {"epochs_done": 2, "val/top1": 60.0}) == "STOP"
+    # Without the state, the first result at a rung always goes on: the comparison it would have lost.
+    forgetful = asha(None)
+    forgetful.on_trial_add(None, late)
+    assert forgetful.on_trial_result(None, late, {"epochs_done": 2, "val/top1": 60.0}) == "CONTINUE"
