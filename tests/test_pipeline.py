@@ -181,8 +181,9 @@ def test_resume_after_a_worker_is_killed(ray_session, mlflow_uri, tiny_overrides
     killed = None
     deadline = time.monotonic() + 240
     while killed is None and time.monotonic() < deadline:
-        runs = c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id],
-                             "tags.mlflow.runName LIKE 'test-resume-%' and attributes.status = 'RUNNING'")
+        experiment = c.get_experiment_by_name("stkd-tests")  # None until the run's driver creates it
+        runs = experiment and c.search_runs([experiment.experiment_id], "tags.mlflow.runName LIKE "
+                                            "'test-resume-%' and attributes.status = 'RUNNING'")
         if runs and len(c.get_metric_history(runs[0].info.run_id, "test/top1")) >= 2:
             workers = raylet_children("RayTrainWorker")
             if workers:
@@ -197,6 +198,10 @@ def test_resume_after_a_worker_is_killed(ray_session, mlflow_uri, tiny_overrides
     assert epochs_logged == list(range(epochs)), "every epoch logged exactly once"
     assert [h["epoch"] for h in result.history] == list(range(epochs))
     assert c.get_run(result.run_id).info.status == "FINISHED"
+    # A worker group's first epoch carries its set-up time: the restart began after a checkpoint, not at
+    # epoch 0 (which would also log every epoch once), and the kill landed before training ended.
+    starts = [h["epoch"] for h in result.history if "setup_time_s" in h]
+    assert starts[0] == 0 and len(starts) >= 2 and all(s >= 2 for s in starts[1:]), starts
 
 
 def test_fresh_runs_never_resume_each_other(ray_session, mlflow_uri, tiny_overrides):
