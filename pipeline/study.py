@@ -436,7 +436,7 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
                                        first["tune"]["resource_timeout_s"])
     try:
         if resume and ray_tune.Tuner.can_restore(tuning_dir):
-            tuner = tune.restore(tuning_dir, trainable, first, progress)
+            tuner = tune.restore(tuning_dir, trainable, first, progress, param_space=tuning_space(study))
         else:
             scheduler = None
             if spec["scheduler"] == "asha":

@@ -225,13 +225,15 @@ def run_config(base: dict[str, Any], name: str, storage: str, progress):
                           failure_config=tune.FailureConfig(max_failures=base["tune"]["max_failures"]))
 
 
-def restore(sweep_dir: str, trainable, base: dict[str, Any], progress):
+def restore(sweep_dir: str, trainable, base: dict[str, Any], progress, param_space: dict[str, Any] | None = None):
     """The interrupted sweep at ``sweep_dir``, its errored and unfinished trials to run again, with
     this command's callbacks, stopper and retries (``Tuner.restore`` takes no RunConfig and would run
     the pickled ones, clocks included)."""
     from ray import tune
 
-    tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
+    # param_space: a space with functions (a study's tune.sample_from) is saved with placeholders that only
+    # the same space, given again, fills: without it every trial not yet started runs with "__fn_ph" values.
+    tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True, param_space=param_space)
     fresh = run_config(base, "", sweep_dir, progress)
     restored = tuner._local_tuner.get_run_config()
     restored.callbacks, restored.stop, restored.failure_config = fresh.callbacks, fresh.stop, fresh.failure_config
