@@ -436,7 +436,7 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
                                        first["tune"]["resource_timeout_s"])
     try:
         if resume and ray_tune.Tuner.can_restore(tuning_dir):
-            tuner = tune.restore(tuning_dir, trainable, first, progress, param_space=tuning_space(study))
+            tuner = tune.restore(tuning_dir, trainable, tuning_space(study), first, progress)
         else:
             scheduler = None
             if spec["scheduler"] == "asha":
@@ -509,12 +509,13 @@ def run_seeds(study: dict[str, Any], configs: dict, teachers: dict, name: str, p
     concurrent = tune.concurrency(first, len(cells), max_concurrent, tune.fixed_cluster())
     progress = sweep_progress.Progress(tune.SELECTED_VAL, epochs, tune.trial_resources(first),
                                        first["tune"]["resource_timeout_s"])
+    param_space = {"cell": ray_tune.grid_search([list(c) for c in cells])}
     try:
         if resume and ray_tune.Tuner.can_restore(study_dir):
-            tuner = tune.restore(study_dir, trainable, first, progress)
+            tuner = tune.restore(study_dir, trainable, param_space, first, progress)
         else:
             tuner = ray_tune.Tuner(
-                trainable, param_space={"cell": ray_tune.grid_search([list(c) for c in cells])},
+                trainable, param_space=param_space,
                 tune_config=ray_tune.TuneConfig(max_concurrent_trials=concurrent),
                 run_config=tune.run_config(first, name, storage, progress))
         log.info("study %s: %d runs (%d pair(s) x %d method(s) x %d seed(s)), up to %d at once", name, len(cells),

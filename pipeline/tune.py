@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 
 from pipeline import config as config_lib, run as run_lib, search_space, stopping, teacher_store, tracking
-from pipeline.storage import (filesystem, is_uri, read_bytes, read_text, write_bytes,  # noqa: F401 (study.py
-                              write_text)  # reads some of them here)
+# study.py reads the storage helpers here
+from pipeline.storage import filesystem, is_uri, read_bytes, read_text, write_bytes, write_text  # noqa: F401
 from pipeline.sweep_progress import Progress, check_timed_out, resource_stopper
 
 log = logging.getLogger(__name__)
@@ -186,15 +186,16 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
         trials = search_space.trial_count(space["parameters"], samples)
         concurrent = concurrency(base, trials, max_concurrent, fixed_cluster())
         progress = Progress(metric, epochs, trial_resources(base), base["tune"]["resource_timeout_s"])
+        param_space = search_space.to_tune(space["parameters"])
         try:
             if resume:
-                tuner = restore(sweep_dir, trainable, base, progress)
+                tuner = restore(sweep_dir, trainable, param_space, base, progress)
             else:
                 sched = make_scheduler(scheduler, base, (uri, base["mlflow"]["experiment"], parent_run_id),
                                        state_file=f"{sweep_dir}/{ASHA_STATE}")
                 tuner = tune.Tuner(
                     trainable,
-                    param_space=search_space.to_tune(space["parameters"]),
+                    param_space=param_space,
                     tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=samples, scheduler=sched,
                                                 max_concurrent_trials=concurrent),
                     run_config=run_config(base, name, storage, progress),
@@ -225,14 +226,14 @@ def run_config(base: dict[str, Any], name: str, storage: str, progress):
                           failure_config=tune.FailureConfig(max_failures=base["tune"]["max_failures"]))
 
 
-def restore(sweep_dir: str, trainable, base: dict[str, Any], progress, param_space: dict[str, Any] | None = None):
+def restore(sweep_dir: str, trainable, param_space: dict[str, Any], base: dict[str, Any], progress):
     """The interrupted sweep at ``sweep_dir``, its errored and unfinished trials to run again, with
     this command's callbacks, stopper and retries (``Tuner.restore`` takes no RunConfig and would run
-    the pickled ones, clocks included)."""
+    the pickled ones, clocks included). ``param_space`` is the sweep's space, given again: Tune saves
+    functions in it (a study's ``tune.sample_from``) as placeholders that only it fills, and without
+    it every trial not yet started would run with "__fn_ph" values."""
     from ray import tune
 
-    # param_space: a space with functions (a study's tune.sample_from) is saved with placeholders that only
-    # the same space, given again, fills: without it every trial not yet started runs with "__fn_ph" values.
     tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True, param_space=param_space)
     fresh = run_config(base, "", sweep_dir, progress)
     restored = tuner._local_tuner.get_run_config()

@@ -116,7 +116,8 @@ def test_a_sweep_the_resource_timeout_ended_resumes_every_trial(ray_session, tmp
 
     base = {"tune": {"max_failures": 0}}
     stalled = Progress("val/top1", 3, {"CPU": 1.0}, timeout_s=1, pending=lambda: [{"CPU": 1.0}])
-    tuner = tune.Tuner(tune.with_resources(trainable, {"CPU": 1}), param_space={"x": tune.grid_search([1, 2, 3])},
+    space = {"x": tune.grid_search([1, 2, 3])}
+    tuner = tune.Tuner(tune.with_resources(trainable, {"CPU": 1}), param_space=space,
                        tune_config=tune.TuneConfig(max_concurrent_trials=1),
                        run_config=sweep.run_config(base, "stalled", str(tmp_path), stalled))
     first = tuner.fit()
@@ -124,7 +125,8 @@ def test_a_sweep_the_resource_timeout_ended_resumes_every_trial(ray_session, tmp
     assert len(first) < 3, "the timeout came before the last trial started"
 
     progress = Progress("val/top1", 3, {"CPU": 1.0}, timeout_s=60, pending=lambda: [])
-    results = sweep.restore(str(tmp_path / "stalled"), tune.with_resources(trainable, {"CPU": 1}), base, progress).fit()
+    results = sweep.restore(str(tmp_path / "stalled"), tune.with_resources(trainable, {"CPU": 1}), space, base,
+                            progress).fit()
     assert progress.timed_out is None
     assert sorted(r.config["x"] for r in results) == [1, 2, 3]
     assert [r.metrics["training_iteration"] for r in results] == [3, 3, 3] and not [r for r in results if r.error]
