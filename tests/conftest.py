@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Ray reads this once, when it is imported, and only from the environment: its 60 s default is too short for
+# a dashboard started on a loaded 2-core machine. The suite's subprocesses and their Ray instances inherit it.
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
+
 
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory) -> Path:

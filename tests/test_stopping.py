@@ -214,8 +214,9 @@ def test_a_stopped_sweep_or_study_ends_killed_and_resumes_its_parent(command, ra
         argv = ["tune", "--recipe", "test_tiny", "--space", "ce", "--samples", "2", "--scheduler", "fifo", *common]
     else:
         spec = tmp_path / "spec.yaml"
+        # A tuned study, stopped in its tuning stage: the stage whose space Tune saves only as placeholders.
         spec.write_text("description: stopped study\npairs: [test_tiny]\nmethods:\n  ce: {name: ce}\n"
-                        "seeds: [0, 1]\n")
+                        "seeds: [0]\ntune: {samples: 2, scheduler: fifo}\n")
         argv = ["study", "--spec", str(spec), *common]
     c = mlflow.MlflowClient(uri)
     log = tmp_path / "first.log"
@@ -243,8 +244,16 @@ def test_a_stopped_sweep_or_study_ends_killed_and_resumes_its_parent(command, ra
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     [resumed], trials = children_of(c, "stkd-tests")
     assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
-    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials), \
+    assert len(trials) == (2 if command == "tune" else 3) and all(t.info.status == "FINISHED" for t in trials), \
         [(t.info.run_name, t.info.status) for t in trials]
     for t in trials:
         steps = sorted(m.step for m in c.get_metric_history(t.info.run_id, "loss/total"))
         assert steps == list(range(epochs)), (t.info.run_name, steps)
+        assert not [k for k, v in t.data.params.items() if "__fn_ph" in v], (t.info.run_name, t.data.params)
+    if command == "study":
+        tuned = [t for t in trials if t.data.tags["stage"] == "tune"]
+        [seeded] = [t for t in trials if t.data.tags["stage"] == "seeds"]
+        assert len(tuned) == 2 and len({t.data.params["optim.lr"] for t in tuned}) == 2, "each trial its own sample"
+        best_val = max(t.data.metrics["final/val_top1_selected"] for t in tuned)
+        winners = {t.data.params["optim.lr"] for t in tuned if t.data.metrics["final/val_top1_selected"] == best_val}
+        assert seeded.data.params["optim.lr"] in winners, "the seed run carries the winner"
