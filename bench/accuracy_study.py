@@ -1,4 +1,4 @@
-"""The CPU accuracy study on the real CIFAR-10, through `stkd study` (tune_spaces/studies/cifar10_cpu.yaml).
+"""The CPU accuracy study on the real CIFAR-10, through `stkd study` (studies/cifar10_cpu.yaml).
 
 Prepares the data (the full CIFAR-10 for the teacher, a class-balanced 1,000-per-class subset for the
 students), trains and registers the teacher unless it is already registered, runs the study, and copies
@@ -29,7 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resume", help="resume the named, interrupted study")
     args = parser.parse_args()
-    from pipeline import config, study as study_lib, tracking, tune
+    from pipeline import config, tracking
+    from pipeline.sweep import study as study_lib, trials
 
     common.prepare_full(common.WORK / "cifar10-full")
     common.prepare_subset(1000)
@@ -45,7 +46,7 @@ def main() -> None:
     subprocess.run(study_cmd, check=True)
     study_s = time.time() - start
     runs = config.load("study_cifar10_resnet20_resnet8")["train"]["storage_path"]
-    name = args.resume or tune.latest_sweep(runs, "study-cifar10_cpu-")
+    name = args.resume or trials.latest_sweep(runs, "study-cifar10_cpu-")
     folder = common.Path(runs) / name
     summary = json.loads((folder / "study_summary.json").read_text())
     shutil.copy(folder / "study_plot.png", common.RESULTS / "accuracy_study.png")

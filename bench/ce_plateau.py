@@ -31,10 +31,10 @@ VAL_FRACTION, VAL_SEED = 0.1, 0
 def train_ce(root: str, epochs: int, seed: int) -> dict:
     """One CE run of ``epochs`` epochs; validation top-1 after every epoch."""
     torch.set_num_threads(1)
-    from pipeline import val_split
-    from pipeline.data_feed import InMemoryFeed
-    from pipeline.dataset import PreparedDataset
-    from pipeline.train_loop import EpochSums, Step, evaluate, make_generators, make_scheduler, train_batch
+    from pipeline.data import val_split
+    from pipeline.data.feeds import InMemoryFeed
+    from pipeline.data.dataset import PreparedDataset
+    from pipeline.train.worker_loop import EpochSums, Step, evaluate, make_generators, make_scheduler, train_batch
     from stkd import methods, models
     from stkd.precision import Precision, resolve_channels_last, resolve_for_device
 

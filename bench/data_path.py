@@ -28,9 +28,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch  # noqa: E402
 
 from pipeline import config as config_lib, run  # noqa: E402
-from pipeline.data_feed import InMemoryFeed, RayDataFeed  # noqa: E402
-from pipeline.dataset import PreparedDataset  # noqa: E402
-from pipeline.train_loop import Step  # noqa: E402
+from pipeline.data.feeds import InMemoryFeed, RayDataFeed  # noqa: E402
+from pipeline.data.dataset import PreparedDataset  # noqa: E402
+from pipeline.train.worker_loop import Step  # noqa: E402
 from stkd import methods, models  # noqa: E402
 from stkd.training import train_step  # noqa: E402
 

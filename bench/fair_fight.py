@@ -1,5 +1,5 @@
 """The fair fight on the real CIFAR-10: every student method tuned on validation with the same budget,
-then scored on test over seeds (BENCHMARKS §6, ``tune_spaces/studies/cifar10_fair.yaml``).
+then scored on test over seeds (BENCHMARKS §6, ``studies/cifar10_fair.yaml``).
 
 1. Data: the full CIFAR-10 (the teacher's) and the class-balanced 1,000-per-class subset (the students').
 2. The budget and the teacher, side by side: ``bench/ce_plateau.py`` trains the CE student at each
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted fight")
     parser.add_argument("--max-epochs", type=int, default=20, help="the most the study can afford (default 20)")
     args = parser.parse_args()
-    from pipeline import tune
+    from pipeline.sweep import trials
 
     state = json.loads(STATE.read_text()) if args.resume and STATE.exists() else {}
     common.prepare_full(common.WORK / "cifar10-full")
@@ -81,12 +81,12 @@ def main() -> None:
     print(f"fair fight: {epochs} epochs per run (CE plateau: {state['plateau_epochs'] or 'beyond the budgets'})",
           flush=True)
     overrides = [f"data.path={subset}", *paths(), f"optim.epochs={epochs}",
-                 f"tune.grace_period={max(1, epochs // 4)}"]
+                 f"trials.grace_period={max(1, epochs // 4)}"]
     command = [common.stkd_cli(), "study", "--spec", "cifar10_fair", *overrides]
     if state.get("study"):
         command += ["--resume", "--name", state["study"]]
     else:
-        state["study"] = tune.new_sweep_name("study-cifar10_fair")
+        state["study"] = trials.new_sweep_name("study-cifar10_fair")
         command += ["--name", state["study"]]
         STATE.write_text(json.dumps(state, indent=2))
     start = time.time()

@@ -99,9 +99,9 @@ class Steps:
 def cifar10_epoch(data: str, out: Path, smoke: bool) -> None:
     """One epoch of STKD (resnet56 teacher, untrained: the step's cost does not depend on its weights ->
     resnet20) over the prepared split, then the test split evaluated; written to ``cifar10_epoch.json``."""
-    from pipeline.data_feed import InMemoryFeed
-    from pipeline.dataset import PreparedDataset
-    from pipeline.train_loop import EpochSums, Step, evaluate, make_generators, train_batch
+    from pipeline.data.feeds import InMemoryFeed
+    from pipeline.data.dataset import PreparedDataset
+    from pipeline.train.worker_loop import EpochSums, Step, evaluate, make_generators, train_batch
     from stkd import methods, models
     from stkd.precision import Precision, resolve_channels_last, resolve_for_device
 
@@ -152,7 +152,7 @@ def cifar10_epoch(data: str, out: Path, smoke: bool) -> None:
 
 
 def prepare_data(args: argparse.Namespace, work: Path) -> str:
-    from pipeline.prepare import prepare
+    from pipeline.data.prepare import prepare
 
     out = work / "prepared"
     if args.cpu_smoke:

@@ -12,8 +12,8 @@
     the project's arithmetic: bf16 autocast and channels_last models and inputs. Set beside (a) and (c), it
     splits the speed-up into what precision and memory format give and what the data path gives.
 (c) ``project``, this project's worker step: the training images as uint8 in GPU memory
-    (``pipeline.data_feed.InMemoryFeed``), batched crop/flip and normalization (``pipeline.train_loop.Step``)
-    with generators on the GPU, bf16 autocast, channels_last, and ``pipeline.train_loop.train_batch`` (sums
+    (``pipeline.data.feeds.InMemoryFeed``), batched crop/flip and normalization (``pipeline.train.worker_loop.Step``)
+    with generators on the GPU, bf16 autocast, channels_last, and ``pipeline.train.worker_loop.train_batch`` (sums
     kept on the device, no host sync per step). With ``--compile`` also ``project_compile`` (the student
     under ``torch.compile``, default mode) and, on CUDA, ``project_compile_cudagraphs``
     (``mode="reduce-overhead"``: CUDA graphs replay the student's kernels without launching each one).
@@ -50,8 +50,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.data_feed import InMemoryFeed
-from pipeline.train_loop import EpochSums, Step, train_batch
+from pipeline.data.feeds import InMemoryFeed
+from pipeline.train.worker_loop import EpochSums, Step, train_batch
 from stkd import methods, models
 from stkd.losses import kd_loss, mixed_cross_entropy
 from stkd.precision import Precision

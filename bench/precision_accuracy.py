@@ -21,9 +21,9 @@ import time
 import common
 import torch
 
-from pipeline.data_feed import InMemoryFeed
-from pipeline.dataset import PreparedDataset
-from pipeline.train_loop import EpochSums, Step, evaluate, make_generators, make_scheduler, train_batch
+from pipeline.data.feeds import InMemoryFeed
+from pipeline.data.dataset import PreparedDataset
+from pipeline.train.worker_loop import EpochSums, Step, evaluate, make_generators, make_scheduler, train_batch
 from stkd import methods, models
 from stkd.precision import Precision
 

@@ -3,7 +3,7 @@
 Both train resnet20 with method ``ce`` on the same prepared CIFAR-10 subset (5,000 train images),
 batch 64, the same number of epochs, from the same pieces: ``InMemoryFeed`` -> ``Step`` (batched crop
 + flip + normalize) -> ``method.forward_train`` -> backward -> SGD. The Ray path is
-``pipeline.run.train`` on a config from ``pipeline.config.load("bench_cifar10_ce", ...)``, and its
+``pipeline.train.run.train`` on a config from ``pipeline.config.load("bench_cifar10_ce", ...)``, and its
 per-epoch ``images_per_s`` (training part only) comes from ``Outcome.history``; the plain loop times
 the same training part. Passes alternate within one run: plain, Ray, plain, Ray, plain (``--repeats``
 Ray passes), so load from other processes on a shared machine hits both paths; the first epoch of each
@@ -33,9 +33,9 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", TRACKING)
 import torch  # noqa: E402
 
 from pipeline import config as config_lib, run  # noqa: E402
-from pipeline.data_feed import InMemoryFeed  # noqa: E402
-from pipeline.dataset import PreparedDataset  # noqa: E402
-from pipeline.train_loop import Step  # noqa: E402
+from pipeline.data.feeds import InMemoryFeed  # noqa: E402
+from pipeline.data.dataset import PreparedDataset  # noqa: E402
+from pipeline.train.worker_loop import Step  # noqa: E402
 from stkd import methods, models  # noqa: E402
 from stkd.training import train_step  # noqa: E402
 
@@ -150,7 +150,7 @@ def main() -> None:
     met = {c: r["ray_over_plain"] >= 0.90 for c, r in results.items()}
     common.write_result("ray_overhead", {
         "description": "images/s of the training part of an epoch (ce, resnet20, batch 64, 5,000 CIFAR-10 "
-                       "train images, in-memory feed, CPU fp32): pipeline.run.train with a 1-worker TorchTrainer "
+                       "train images, in-memory feed, CPU fp32): pipeline.train.run.train with a 1-worker TorchTrainer "
                        "vs the same step pieces in a plain loop in the driver; passes alternate plain/Ray; median "
                        "over epochs after the first of each pass; ratios within this run",
         "settings": {"epochs": args.epochs, "repeats": args.repeats, "batch_size": 64, "train_rows": info["train_rows"],

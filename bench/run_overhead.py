@@ -3,7 +3,7 @@
 Runs ``pipeline.demo.run_demo`` once, in this process, into a fresh folder and MLflow store, and
 splits its wall time into phases, summed over its four runs:
 
-- driver phases timed by ``pipeline.run.train`` (``Outcome.phases``): Ray start, dataset open and
+- driver phases timed by ``pipeline.train.run.train`` (``Outcome.phases``): Ray start, dataset open and
   validation split, the teacher's load and evaluation, MLflow run start, ``TorchTrainer.fit``, the
   final metrics, artifacts and model, and what is left of the run (reading the checkpoint, run end);
 - inside ``fit``, from the rank-0 worker's per-epoch metrics in MLflow: worker setup (model, teacher,

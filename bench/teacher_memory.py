@@ -1,7 +1,7 @@
 """Resident memory a worker adds for the teacher: shared ObjectRef (zero-copy) against copies.
 
 A resnet32x4 teacher (10 classes, ~7.4M parameters, ~30 MB fp32; random weights: only the size
-matters) is ``ray.put`` once through ``pipeline.teacher_store.put``. Then 2 and 4 Ray actors on this node
+matters) is ``ray.put`` once through ``pipeline.train.teachers.put``. Then 2 and 4 Ray actors on this node
 each build it in one of three ways and touch every weight (``p.sum()`` over all tensors, so each page is
 mapped), and report how their memory grew, read from ``/proc/self/status`` (RssAnon, RssFile, RssShmem)
 and ``/proc/self/smaps_rollup`` (USS = Private_Clean + Private_Dirty, PSS):
@@ -34,7 +34,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import torch  # noqa: E402
 
-from pipeline import checkpoint, teacher_store  # noqa: E402
+from pipeline import teacher_store  # noqa: E402
+from pipeline.train import checkpoint
 from stkd import models  # noqa: E402
 
 MODES = ("shared", "copy_from_ref", "torch_load")
@@ -188,7 +189,7 @@ def main() -> None:
 
     common.write_result("teacher_memory", {
         "description": "resident memory each Ray actor adds when it builds a resnet32x4 teacher (10 classes) and "
-                       "touches every weight: shared = pipeline.teacher_store.build over ray.get(ref)['arrays'] "
+                       "touches every weight: shared = pipeline.train.teachers.build over ray.get(ref)['arrays'] "
                        "(built on the CPU, weights then assigned as zero-copy views of the object store); "
                        "copy_from_ref and torch_load copy the weights. "
                        "Deltas in MiB from /proc/self/status and /proc/self/smaps_rollup (USS = private pages).",

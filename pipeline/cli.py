@@ -23,7 +23,7 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS_SKIP_REGEX": r"Reporting training result \d+: TrainingReport"
                                  r"|Detected that the Ray Train controller actor \(\w+\) is dead",
     # Tune's output engine prints an experiment box and a TensorBoard hint even at verbose=0; the legacy
-    # one is silent there, and the sweep's own progress (pipeline.sweep_progress) is the console.
+    # one is silent there, and the sweep's own progress (pipeline.sweep.progress) is the console.
     "RAY_AIR_NEW_OUTPUT": "0",
 }
 
@@ -47,14 +47,14 @@ def load_config(args: argparse.Namespace, **sections: Any) -> dict[str, Any]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pipeline import prepare
+    from pipeline.data import prepare
 
     return prepare.run(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline import run
-    from pipeline.dataset import PreparedDataset
+    from pipeline.train import run
+    from pipeline.data.dataset import PreparedDataset
     from pipeline.tracking import tracking_uri, ui_hint
 
     sections: dict[str, Any] = {}
@@ -84,8 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_verify_data(args: argparse.Namespace) -> int:
     import time
 
-    from pipeline.dataset import PreparedDataset
-    from pipeline.prepare import _human
+    from pipeline.data.dataset import PreparedDataset
+    from pipeline.data.prepare import _human
 
     start = time.perf_counter()
     dataset = PreparedDataset.open(args.path, verify=True)
@@ -98,7 +98,7 @@ def cmd_verify_data(args: argparse.Namespace) -> int:
 
 
 def cmd_log_run(args: argparse.Namespace) -> int:
-    from pipeline import run
+    from pipeline.train import run
 
     record, logged, model_uri = run.log_later(args.checkpoint, args.wait)
     where = f"run {record['run_name']} ({record['run_id']}) at {record['tracking_uri']}"
@@ -118,13 +118,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from pipeline import tune
+    from pipeline.sweep import search
 
-    return tune.run_cli(args)
+    return search.run_cli(args)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from pipeline import study
+    from pipeline.sweep import study
 
     return study.run_cli(args)
 
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="turn a dataset into Parquet shards + manifest")
-    from pipeline import prepare
+    from pipeline.data import prepare
 
     prepare.add_arguments(p)
     p.set_defaults(func=cmd_prepare)
@@ -189,14 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="Ray Tune sweep over a search space", epilog=EPILOG)
     add_recipe_arguments(p)
-    from pipeline import tune
+    from pipeline.sweep import search
 
-    tune.add_arguments(p)
+    search.add_arguments(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("study", help="a grid of pairs x methods x seeds as parallel runs: the table a paper prints",
                        epilog=EPILOG)
-    from pipeline import study
+    from pipeline.sweep import study
 
     study.add_arguments(p)
     p.set_defaults(func=cmd_study)
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Before the parser is built: building it imports the subcommands' modules, and with them Ray.
     if "-v" in argv or "--verbose" in argv:
-        os.environ["STKD_VERBOSE"] = "1"  # Ray Train's INFO lines too (pipeline.run.verbose)
+        os.environ["STKD_VERBOSE"] = "1"  # Ray Train's INFO lines too (pipeline.train.run.verbose)
     else:
         quiet_console()
     args = build_parser().parse_args(argv)
@@ -227,14 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.stopping import Stopped, signals
 
     signals.install()
-    from pipeline.checkpoint import CheckpointError
+    from pipeline.train.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.tracking import TrackingIncomplete
 
-    from pipeline.dataset import DatasetError
-    from pipeline.memory_check import InsufficientMemoryError
-    from pipeline.prepare import PrepareError
-    from pipeline.search_space import SpaceError
+    from pipeline.data.dataset import DatasetError
+    from pipeline.data.memory_check import InsufficientMemoryError
+    from pipeline.data.prepare import PrepareError
+    from pipeline.sweep.space import SpaceError
     from stkd.precision import PrecisionError
 
     # The project's own errors are the user's input: one line, exit 2. Anything else keeps its traceback.

@@ -424,11 +424,11 @@ def check_data_parallel(config: dict[str, Any], problems: list[str]) -> None:
     """SyncBatchNorm with ``torch.compile``, and a streamed global batch that does not divide over the workers.
 
     ``train.sync_bn`` counts as on when it is ``true``, or ``auto`` where it resolves on (GPUs, several workers,
-    a per-GPU batch below ``pipeline.data_feed.SYNC_BN_BELOW``; ``pipeline.train_loop.resolve_sync_bn``).
+    a per-GPU batch below ``pipeline.data.feeds.SYNC_BN_BELOW``; ``pipeline.train.worker_loop.resolve_sync_bn``).
     The streaming feed gives every worker ``optim.batch_size // train.workers`` rows a step; a batch that does
     not divide would silently train with a smaller global batch than the learning rate was chosen for.
     """
-    from pipeline.data_feed import per_worker_batch, sync_bn_pays
+    from pipeline.data.feeds import per_worker_batch, sync_bn_pays
 
     train, batch = config["train"], config["optim"]["batch_size"]
     workers = train["workers"]

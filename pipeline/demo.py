@@ -1,7 +1,7 @@
 """``stkd demo``: the whole pipeline on scikit-learn's digits, a few minutes on a 2-core machine.
 
 Prepares the data, trains a teacher (registered in MLflow), then runs the demo study
-(``tune_spaces/studies/demo.yaml``: CE, KD and STKD students, seeds 0, 1 and 2) as Ray Tune trials that
+(``studies/demo.yaml``: CE, KD and STKD students, seeds 0, 1 and 2) as Ray Tune trials that
 share one teacher object, and prints each student's test top-1 as mean ± std over the seeds, saying which
 students differ by less than their seed spread. Digits' test split has 360 images (one image is 0.28
 points), so one seed of each student says little about KD against STKD.
@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import config as config_lib, run as run_lib, stopping, study as study_lib, tracking
+from pipeline import config as config_lib, stopping, tracking
+from pipeline.sweep import study as study_lib
+from pipeline.train import run as run_lib
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "stkd-demo"  # as in the demo's recipes
-STUDY = "demo"  # tune_spaces/studies/demo.yaml: the students, their methods and seeds
+STUDY = "demo"  # studies/demo.yaml: the students, their methods and seeds
 # One Ray Train worker per student (0.5 CPU): three trials fit Ray's 2 logical CPUs of this machine at
 # once, where 2 workers each would run the 9 trials one after the other (Ray Train's fixed cost of a fit,
 # 12-16 s, is then paid 9 times in a row instead of hidden behind the other trials' epochs).
@@ -103,7 +105,7 @@ def run_demo(out: Path, workers: int, seed: int, teacher_epochs: int | None = No
              seeds: list[int] | None = None) -> Result:
     """Run the demo as one MLflow parent run holding the comparison: the teacher's run, then the demo
     study's student runs over ``seeds`` (every run selected on its validation split), its table and plot."""
-    from pipeline.prepare import prepare
+    from pipeline.data.prepare import prepare
 
     if seeds is not None and len(set(seeds)) < 2:
         raise config_lib.ConfigError(f"--seeds: give at least two distinct seeds (a std needs two), got {seeds}")
@@ -159,7 +161,7 @@ def train_students(overrides: list[str], register_as: str, epochs: int | None, t
     print(f"[2/2] students {first['model']['student']}: {', '.join(spec['methods'])} x seeds "
           f"{', '.join(map(str, spec['seeds']))} ({len(cells)} Ray Tune trials, {first['optim']['epochs']} epoch(s), "
           f"{first['train']['workers']} worker(s) each)")
-    progress = logging.getLogger("pipeline.sweep_progress")
+    progress = logging.getLogger("pipeline.sweep.progress")
     progress.addFilter(no_trial_table)
     try:
         summary = study_lib.run_study(spec, parent_run_id=parent_id)

@@ -3,11 +3,11 @@
 Training reports top-1 only; choosing and trusting a teacher (or judging what distillation did to a
 student) also needs top-5, per-class accuracy and calibration (ECE, NLL), measured the same way every time:
 on the CPU, in fp32 (``stkd.training.eval_logits``, the project's one precision policy), on a prepared
-split: ``test``, or ``val`` carved from train exactly as training carves it (:mod:`pipeline.val_split`,
+split: ``test``, or ``val`` carved from train exactly as training carves it (:mod:`pipeline.data.val_split`,
 the same fraction and seed give the same rows), so a model's validation figures can be checked afterwards.
 
 MODEL is anything ``teacher.source`` takes (registered name, ``name/3``, ``name@alias``, ``models:/``,
-``runs:/``, a checkpoint path), loaded by :func:`pipeline.teacher_store.fetch`; or, with ``--arch``, a
+``runs:/``, a checkpoint path), loaded by :func:`pipeline.train.teachers.fetch`; or, with ``--arch``, a
 published RepDistiller/mdistiller checkpoint or plain state dict, read by :mod:`pipeline.import_teacher`.
 
 The evaluation run is linked to what it measured: tags ``eval.model_uri`` and ``eval.source_run_id`` (the
@@ -33,10 +33,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline import checkpoint, teacher_store, tracking, val_split
-from pipeline.checkpoint import CheckpointError
+from pipeline import tracking
+from pipeline.data import val_split
+from pipeline.train import checkpoint, teachers
+from pipeline.train.checkpoint import CheckpointError
 from pipeline.config import ConfigError
-from pipeline.dataset import PreparedDataset
+from pipeline.data.dataset import PreparedDataset
 from stkd.calibration import DEFAULT_BINS, calibration_bins, ece_from_bins, negative_log_likelihood
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ def load_model(source: str, dataset: PreparedDataset, arch: str | None = None) -
         log.info("%s (%s) read as %s", path, about["format"], arch)
         return model.eval(), spec, str(path)
     try:
-        state, uri = teacher_store.fetch(source)
+        state, uri = teachers.fetch(source)
     except CheckpointError as e:
         if Path(source).expanduser().is_file() and "not a checkpoint of this project" in str(e):
             raise CheckpointError(f"{e}; a RepDistiller/mdistiller checkpoint or a plain state dict needs "
@@ -136,7 +138,7 @@ def load_model(source: str, dataset: PreparedDataset, arch: str | None = None) -
 
 
 def predict(model: nn.Module, images: np.ndarray, mean, std, batch_size: int = 512) -> torch.Tensor:
-    """float32 logits of uint8 NHWC ``images``, on the CPU, autocast off: as ``teacher_store.accuracy``."""
+    """float32 logits of uint8 NHWC ``images``, on the CPU, autocast off: as ``teachers.accuracy``."""
     from stkd.augment import nhwc_to_nchw, normalize
     from stkd.training import eval_logits
 
@@ -192,7 +194,7 @@ def links_of(model_uri: str, client) -> dict[str, str]:
     if registered:
         version = client.get_model_version(registered[1], registered[2])
         return {"source_run_id": version.run_id or "", "model_name": registered[1], "model_version": registered[2]}
-    logged = teacher_store.LOGGED_MODEL.fullmatch(model_uri)
+    logged = teachers.LOGGED_MODEL.fullmatch(model_uri)
     if logged:
         return {"source_run_id": client.get_logged_model(model_uri.removeprefix("models:/")).source_run_id or ""}
     run = re.match(r"runs:/([0-9a-f]+)/", model_uri)
@@ -200,7 +202,7 @@ def links_of(model_uri: str, client) -> dict[str, str]:
         return {"source_run_id": run[1]}
     path = Path(model_uri)
     if path.exists():  # a training checkpoint: its run is in the record beside the final one
-        from pipeline.run import RUN_FILE, read_json
+        from pipeline.train.run import RUN_FILE, read_json
 
         file = checkpoint.find_file(path)
         for folder in (file.parent, file.parent.parent):

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pipeline import checkpoint, teacher_store, tracking
-from pipeline.checkpoint import CheckpointError
+from pipeline import tracking
+from pipeline.train import checkpoint, teachers
+from pipeline.train.checkpoint import CheckpointError
 from stkd import models
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def register(model: nn.Module, spec: dict[str, Any], image_shape: tuple[int, ...
 def import_teacher(path: str | Path, model_name: str, data: str | Path, register_as: str | None = None,
                    experiment: str = "stkd", uri: str | None = None) -> Imported:
     """Load ``path`` into the zoo's ``model_name``, measure it on ``data``'s test split, register it."""
-    from pipeline.dataset import PreparedDataset
+    from pipeline.data.dataset import PreparedDataset
 
     path = Path(path).expanduser().resolve()
     if model_name not in models.names():
@@ -131,7 +132,7 @@ def import_teacher(path: str | Path, model_name: str, data: str | Path, register
     load_into(model, state_dict, f"{model_name} for {dataset.num_classes} classes and {spec['in_channels']} "
                                  f"channel(s) ({dataset.name})", path)
     images, labels = dataset.load_numpy("test")
-    top1 = teacher_store.accuracy(model, images, labels, dataset.mean, dataset.std)
+    top1 = teachers.accuracy(model, images, labels, dataset.mean, dataset.std)
     log.info("%s (%s) as %s: test top-1 %.2f%% on %s", path, about["format"], model_name, top1, dataset.name)
     name = register_as or f"teacher-{dataset.name}-{model_name}"
     uri = uri or tracking.tracking_uri()
@@ -143,8 +144,8 @@ def import_teacher(path: str | Path, model_name: str, data: str | Path, register
     with tracking.tracked_run(uri, experiment, f"import-{model_name}-{uuid.uuid4().hex[:4]}", params, tags) as run_id:
         tracking.log_metrics(uri, run_id, {"final/test_top1_selected": top1}, step=0)
         version, model_uri = register(model, spec, dataset.image_shape, name)
-        champion = teacher_store.record_version(name, version, top1, {
-            "imported_sha256": digest, teacher_store.DATA_TAG: tracking.dataset_digest(dataset.manifest)},
+        champion = teachers.record_version(name, version, top1, {
+            "imported_sha256": digest, teachers.DATA_TAG: tracking.dataset_digest(dataset.manifest)},
                                                 client=tracking.client(uri))
     return Imported(name=name, version=version, test_top1=top1, champion=champion, run_id=run_id,
                     model_uri=model_uri)

@@ -77,7 +77,7 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def digits(session_dir) -> Path:
-    from pipeline.prepare import prepare
+    from pipeline.data.prepare import prepare
 
     out = session_dir / "digits"
     prepare("digits", out, progress=False)
@@ -95,7 +95,7 @@ def digits_resnet8(digits) -> dict:
     than chance, in seconds, and still miscalibrated enough for ECE to be far from 0."""
     import torch
 
-    from pipeline.dataset import PreparedDataset
+    from pipeline.data.dataset import PreparedDataset
     from stkd import models
     from stkd.augment import nhwc_to_nchw, normalize
 
@@ -123,7 +123,8 @@ def digits_resnet8(digits) -> dict:
 @pytest.fixture(scope="session")
 def teacher_run(ray_session, mlflow_uri, tiny_overrides):
     """A ce teacher on digits, registered in MLflow as ``teacher-test-digits``; shared by the Ray tests."""
-    from pipeline import config, run
+    from pipeline import config
+    from pipeline.train import run
 
     cfg = config.load("test_tiny", tiny_overrides + ["mlflow.register_as=teacher-test-digits", "optim.epochs=3"])
     return run.train(cfg)

@@ -189,7 +189,7 @@ def prepared_random_images(root: Path, counts: dict[str, tuple[int, ...]], seed:
     """A prepared dataset of distinct random 8x8 RGB images: ``counts[split][c]`` images of class ``c``
     (classes ``a``, ``b``, ...), written as a PNG class-per-folder tree under ``root / "src"`` and run
     through ``prepare`` into ``root / "prepared"``, which is returned."""
-    from pipeline.prepare import prepare
+    from pipeline.data.prepare import prepare
 
     rng = np.random.default_rng(seed)
     for split, per_class in counts.items():

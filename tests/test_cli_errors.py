@@ -67,7 +67,7 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(digits, empty_cwd, tmp
 
 
 def test_a_teacher_of_the_wrong_shape_is_refused_before_ray(digits, empty_cwd, tmp_path, capsys):
-    from pipeline import checkpoint
+    from pipeline.train import checkpoint
     from stkd import models
 
     path = tmp_path / "rgb_teacher"

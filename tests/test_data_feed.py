@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data_feed import InMemoryFeed, global_batch_bounds, rank_slice
-from pipeline.dataset import PreparedDataset
+from pipeline.data.feeds import InMemoryFeed, global_batch_bounds, rank_slice
+from pipeline.data.dataset import PreparedDataset
 
 
 @pytest.mark.parametrize("rows,batch,world", [(100, 32, 2), (97, 32, 3), (65, 64, 2), (64, 64, 4), (5, 64, 2)])
@@ -61,7 +61,7 @@ def ray_data_probe(ctx):
     """In each worker: record digests of every train and test row this worker's shards deliver."""
     import ray.train
 
-    from pipeline.data_feed import RayDataFeed
+    from pipeline.data.feeds import RayDataFeed
 
     rank = ray.train.get_context().get_world_rank()
     out = {}
@@ -83,10 +83,10 @@ def test_ray_data_round_trip_with_two_workers_exactly_once(ray_session, unique_i
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data_feed import ray_datasets, split_data_config
+    from pipeline.data.feeds import ray_datasets, split_data_config
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    from pipeline import val_split
+    from pipeline.data import val_split
 
     ds = PreparedDataset.open(unique_images)
     images, labels = ds.load_numpy("train")

@@ -1,6 +1,6 @@
 """Reading a prepared dataset: PreparedDataset.open/verify, load_numpy, decode_images.
 
-The Ray Data path (pipeline.data_feed) is tested in test_data_feed.py.
+The Ray Data path (pipeline.data.feeds) is tested in test_data_feed.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.dataset import DatasetError, PreparedDataset, decode_images
-from pipeline.prepare import prepare
+from pipeline.data.dataset import DatasetError, PreparedDataset, decode_images
+from pipeline.data.prepare import prepare
 
 try:
     from tests import fixtures_data as fx
@@ -190,7 +190,8 @@ def test_a_manifest_without_sizes_is_still_read(copy):
 
 
 def test_dataset_info_checksums_unless_told_the_sweep_did(copy):
-    from pipeline import config, run
+    from pipeline import config
+    from pipeline.train import run
 
     cfg = config.load("test_tiny", [f"data.path={copy}"])
     shard = copy / "test-00000.parquet"

@@ -82,7 +82,7 @@ def test_the_demo_reads_on_one_screen_and_groups_its_runs_in_mlflow(tmp_path, an
     assert not [line for line in lines if "Reporting training result" in line or "PreemptionWatcher" in line], output
     # The teacher's epochs on the driver; the students' are Tune trials, shown by the study's progress line.
     assert sum(bool(re.match(r"epoch +\d+/\d+ ", line)) for line in lines) == 2, output
-    assert any("pipeline.sweep_progress: trials:" in line for line in lines), output
+    assert any("pipeline.sweep.progress: trials:" in line for line in lines), output
     assert re.search(r"^teacher wrn_16_2 +1 +\d+\.\d\d ", output, re.M), output
     # Two seeds, not the default three: the suite's time; the rule and the table are the same.
     for label in LABELS:  # every student over its 2 seeds: mean ± std, the seeds' values, the last epoch's mean ± std

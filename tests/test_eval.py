@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, cli, teacher_store
-from pipeline.dataset import PreparedDataset
+from pipeline import cli
+from pipeline.train import checkpoint, teachers
+from pipeline.data.dataset import PreparedDataset
 from stkd import models
 from stkd.augment import nhwc_to_nchw, normalize
 
@@ -53,7 +54,7 @@ def independent(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, 
             ece += in_bin.mean() * abs(right[in_bin].mean() - confidence[in_bin].mean())
     top5 = (np.argsort(-logits, axis=1)[:, :5] == labels[:, None]).any(1).mean() * 100
     per_class = [100 * right[labels == c].mean() for c in range(dataset.num_classes)]
-    return {"top1": teacher_store.accuracy(model, images, labels, dataset.mean, dataset.std), "top5": top5,
+    return {"top1": teachers.accuracy(model, images, labels, dataset.mean, dataset.std), "top5": top5,
             "ece": ece, "nll": float(-np.log(probs[np.arange(len(labels)), labels]).mean()), "per_class": per_class}
 
 
@@ -127,7 +128,7 @@ def test_eval_of_an_imported_teacher_agrees_with_an_independent_measurement_and_
 
 def test_eval_of_a_checkpoint_on_val_measures_the_rows_training_holds_out(digits, mlflow_uri, trained, tmp_path,
                                                                           capsys):
-    from pipeline import run as run_lib
+    from pipeline.train import run as run_lib
 
     path = tmp_path / "ckpt"
     checkpoint.save({"model": checkpoint.model_spec("resnet8", 10, 1), "student": trained}, path)
@@ -190,7 +191,7 @@ def test_eval_of_the_trained_digits_teacher(teacher_run, digits, mlflow_uri, cap
     images, labels = dataset.load_numpy("test")
     # Its logged model (models:/m-...), the one registered as teacher-test-digits.
     out, printed, run_id = stkd_eval(capsys, teacher_run.model_uri, "--data", str(digits))
-    state, _ = teacher_store.fetch(teacher_run.model_uri)
+    state, _ = teachers.fetch(teacher_run.model_uri)
     expected = independent(resnet8(state["student"]), images, labels, dataset)
     agree(printed, expected)
     # The workers measured the same model on the same split in fp32: the same top-1, to within one image.

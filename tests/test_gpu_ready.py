@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, config as config_lib, teacher_store
+from pipeline import config as config_lib
+from pipeline.train import checkpoint, teachers
 from pipeline.config import ConfigError
-from pipeline.data_feed import InMemoryFeed
-from pipeline.train_loop import (EpochSums, Step, build_student, evaluate, gather_rng_states, make_generators,
+from pipeline.data.feeds import InMemoryFeed
+from pipeline.train.worker_loop import (EpochSums, Step, build_student, evaluate, gather_rng_states, make_generators,
                                  make_scheduler, resolve_sync_bn, restore, train_batch)
 from stkd import methods, models
 from stkd.mixup import mix
@@ -183,7 +184,7 @@ def test_students_and_teachers_are_evaluated_alike_in_fp32():
     # Even inside a bf16 autocast region (as training runs on a GPU), evaluation runs in fp32.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         student_top1 = evaluate(model, feed, step, "test")["test/top1"]
-        teacher_top1 = teacher_store.accuracy(model, images, labels, mean, std, batch_size=16)
+        teacher_top1 = teachers.accuracy(model, images, labels, mean, std, batch_size=16)
     assert dtypes and set(dtypes) == {torch.float32}
     assert student_top1 == pytest.approx(teacher_top1, abs=1e-9)
 

@@ -10,8 +10,9 @@ import mlflow
 import pytest
 import torch
 
-from pipeline import cli, import_teacher, teacher_store
-from pipeline.dataset import PreparedDataset
+from pipeline import cli, import_teacher
+from pipeline.train import teachers
+from pipeline.data.dataset import PreparedDataset
 from stkd import models
 
 
@@ -47,7 +48,7 @@ def measured(state_dict, digits) -> float:
     model.load_state_dict(state_dict)
     dataset = PreparedDataset.open(digits)
     images, labels = dataset.load_numpy("test")
-    return teacher_store.accuracy(model, images, labels, dataset.mean, dataset.std)
+    return teachers.accuracy(model, images, labels, dataset.mean, dataset.std)
 
 
 def stkd(*argv: str) -> int:
@@ -84,7 +85,7 @@ def test_published_formats_register_with_accuracy_and_champion(digits, mlflow_ur
         assert (f"registered {name} version {version}: test top-1 {expected[version - 1]:.2f}%, "
                 f"aliases {aliases[version - 1]}") in out
         tags = client.get_model_version(name, str(version)).tags
-        assert float(tags[teacher_store.ACCURACY_TAG]) == pytest.approx(expected[version - 1], abs=1e-4)
+        assert float(tags[teachers.ACCURACY_TAG]) == pytest.approx(expected[version - 1], abs=1e-4)
     assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
     assert str(client.get_model_version_by_alias(name, "latest").version) == "3"
     run = client.get_run(client.get_model_version(name, "1").run_id)
@@ -92,11 +93,11 @@ def test_published_formats_register_with_accuracy_and_champion(digits, mlflow_ur
     assert run.data.params["imported_epoch"] == "240" and run.data.params["imported_accuracy"] == "11.5"
 
     # What `stkd distill ... teacher.source=<name>` loads: the champion, in the project's checkpoint format.
-    state, uri = teacher_store.fetch(name)
+    state, uri = teachers.fetch(name)
     assert uri == f"models:/{name}/2"
     assert state["model"] == {"name": "resnet8", "num_classes": 10, "in_channels": 1}
     assert measured(state["student"], digits) == expected[1]
-    assert teacher_store.fetch(f"{name}@latest")[1] == f"models:/{name}/3"
+    assert teachers.fetch(f"{name}@latest")[1] == f"models:/{name}/3"
 
 
 def test_the_default_name_is_the_one_stkd_teacher_gives(digits, mlflow_uri, tmp_path, capsys, one_thread):

@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from pipeline import config as config_lib
-from pipeline import memory_check, train_loop
+from pipeline.data import memory_check
+from pipeline.train import worker_loop
 from pipeline.config import ConfigError
-from pipeline.data_feed import (SYNC_BN_BELOW, InMemoryFeed, RayDataFeed, decode_collate, epoch_steps,
+from pipeline.data.feeds import (SYNC_BN_BELOW, InMemoryFeed, RayDataFeed, decode_collate, epoch_steps,
                                 per_worker_batch, sync_bn_pays)
-from pipeline.dataset import PreparedDataset
+from pipeline.data.dataset import PreparedDataset
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -42,10 +43,10 @@ needs_ray = pytest.mark.skipif(not importable("ray"), reason="needs Ray (not ins
 
 
 def dataset_info(cfg) -> dict:
-    """``pipeline.run.dataset_info``; ``pipeline.run`` imports Ray Train, which the GPU machine of
+    """``pipeline.train.run.dataset_info``; ``pipeline.train.run`` imports Ray Train, which the GPU machine of
     scripts/gpu-check lacks: there these tests skip, the CUDA-only ones still run."""
     pytest.importorskip("ray")
-    from pipeline import run
+    from pipeline.train import run
 
     return run.dataset_info(cfg, verify=False)
 
@@ -135,7 +136,7 @@ def equal_steps_probe(ctx):
     import ray.train.torch
     import torch.distributed as dist
 
-    from pipeline.train_loop import ddp_kwargs, make_feeds
+    from pipeline.train.worker_loop import ddp_kwargs, make_feeds
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -170,7 +171,7 @@ def test_streaming_workers_take_equal_steps_with_uneven_shards(ray_session, odd_
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.data_feed import ray_datasets, split_data_config
+    from pipeline.data.feeds import ray_datasets, split_data_config
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     batch, epochs = 4 * world, 3
@@ -202,12 +203,12 @@ def test_streaming_workers_take_equal_steps_with_uneven_shards(ray_session, odd_
 def test_sync_bn_auto_only_for_small_per_gpu_batches():
     assert SYNC_BN_BELOW == 32 and sync_bn_pays(16) and not sync_bn_pays(32)
     assert per_worker_batch(64, 4) == 16 and per_worker_batch(64, 2) == 32 and per_worker_batch(2, 4) == 1
-    assert train_loop.resolve_sync_bn("auto", CUDA, 4, per_worker_batch=16)
-    assert not train_loop.resolve_sync_bn("auto", CUDA, 2, per_worker_batch=32)
-    assert not train_loop.resolve_sync_bn("auto", CUDA, 1, per_worker_batch=8)
-    assert not train_loop.resolve_sync_bn("auto", CPU, 4, per_worker_batch=8)
-    assert train_loop.resolve_sync_bn(True, CUDA, 2, per_worker_batch=256)
-    assert not train_loop.resolve_sync_bn(False, CUDA, 4, per_worker_batch=8)
+    assert worker_loop.resolve_sync_bn("auto", CUDA, 4, per_worker_batch=16)
+    assert not worker_loop.resolve_sync_bn("auto", CUDA, 2, per_worker_batch=32)
+    assert not worker_loop.resolve_sync_bn("auto", CUDA, 1, per_worker_batch=8)
+    assert not worker_loop.resolve_sync_bn("auto", CPU, 4, per_worker_batch=8)
+    assert worker_loop.resolve_sync_bn(True, CUDA, 2, per_worker_batch=256)
+    assert not worker_loop.resolve_sync_bn(False, CUDA, 4, per_worker_batch=8)
 
 
 def test_sync_bn_with_compile_is_refused_naming_both_keys():
@@ -222,8 +223,8 @@ def test_sync_bn_with_compile_is_refused_naming_both_keys():
 
 
 def test_ddp_does_not_broadcast_buffers_under_sync_bn():
-    assert train_loop.ddp_kwargs(True) == {"broadcast_buffers": False}
-    assert train_loop.ddp_kwargs(False) == {}
+    assert worker_loop.ddp_kwargs(True) == {"broadcast_buffers": False}
+    assert worker_loop.ddp_kwargs(False) == {}
 
 
 @needs_ray
@@ -241,7 +242,7 @@ def test_prepare_model_passes_the_ddp_options_through():
 # --- 3. generators: one stream per (seed, rank, stream) -------------------------------------------------------
 
 def first_draws(seed: int, rank: int) -> dict[str, list[float]]:
-    return {k: torch.rand(4, generator=g).tolist() for k, g in train_loop.make_generators(CPU, seed, rank).items()}
+    return {k: torch.rand(4, generator=g).tolist() for k, g in worker_loop.make_generators(CPU, seed, rank).items()}
 
 
 def test_generators_differ_by_stream_and_rank_and_repeat_by_seed():
@@ -250,9 +251,9 @@ def test_generators_differ_by_stream_and_rank_and_repeat_by_seed():
     assert first_draws(0, 1)["augment"] != zero["augment"] and first_draws(0, 1)["method"] != zero["method"]
     assert first_draws(1, 0)["augment"] != zero["augment"]
     assert first_draws(0, 0) == zero and first_draws(7, 3) == first_draws(7, 3)
-    seeds = {train_loop.generator_seed(s, r, k) for s in range(4) for r in range(4) for k in range(2)}
+    seeds = {worker_loop.generator_seed(s, r, k) for s in range(4) for r in range(4) for k in range(2)}
     assert len(seeds) == 32
-    assert 0 <= train_loop.generator_seed(-1, 0, 0) < 2**64  # negative seeds map into SeedSequence's range
+    assert 0 <= worker_loop.generator_seed(-1, 0, 0) < 2**64  # negative seeds map into SeedSequence's range
 
 
 # --- 4. the memory check ------------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def test_make_feeds_checks_memory_before_loading(unique_images, monkeypatch):
     monkeypatch.setattr(memory_check, "host_available_bytes", lambda: 1000)
     monkeypatch.setattr(PreparedDataset, "load_numpy", lambda *a: pytest.fail("loaded before the check"))
     with pytest.raises(memory_check.InsufficientMemoryError, match="host memory: loading the split needs"):
-        train_loop.make_feeds(cfg, info, 0, 1, CPU)
+        worker_loop.make_feeds(cfg, info, 0, 1, CPU)
 
 
 @needs_ray
@@ -315,7 +316,7 @@ def test_the_index_carve_gives_the_boolean_mask_carve_batches(unique_images, wor
     held = np.zeros(len(labels), dtype=bool)
     held[info["val_positions"]] = True
     for rank in range(world):
-        train, val, _ = train_loop.make_feeds(cfg, info, rank, world, CPU)
+        train, val, _ = worker_loop.make_feeds(cfg, info, rank, world, CPU)
         old_train = InMemoryFeed(images[~held], labels[~held], 8, rank, world, CPU, shuffle=True, seed=4)
         old_val = InMemoryFeed(images[held], labels[held], 5, rank, world, CPU, shuffle=False)
         assert len(train) == len(old_train) and len(val) == len(old_val)
@@ -351,7 +352,7 @@ def meta_training_state() -> dict:
 
 def tensors(value) -> list[torch.Tensor]:
     found = []
-    train_loop.map_tensors(value, lambda t: found.append(t) or t)
+    worker_loop.map_tensors(value, lambda t: found.append(t) or t)
     return found
 
 
@@ -359,7 +360,7 @@ def test_map_tensors_reaches_every_tensor_and_keeps_the_structure():
     state = meta_training_state()
     assert all(t.is_meta for t in tensors(state["student"]))
     assert state["optimizer"]["state"][0]["momentum_buffer"].is_meta  # optimizer state: where the parameters are
-    moved = train_loop.map_tensors(state, lambda t: torch.empty_like(t, device="cpu") if t.is_meta else t)
+    moved = worker_loop.map_tensors(state, lambda t: torch.empty_like(t, device="cpu") if t.is_meta else t)
     assert all(t.device.type == "cpu" for t in tensors(moved)) and len(tensors(moved)) == len(tensors(state))
     assert isinstance(moved["student"], OrderedDict) and list(moved["student"]) == list(state["student"])
     assert moved["epoch"] == 3 and moved["history"] == [{"loss": 1.0}] and moved["pair"][1] == "name"
@@ -368,10 +369,10 @@ def test_map_tensors_reaches_every_tensor_and_keeps_the_structure():
 
 def test_state_to_cpu_moves_what_is_elsewhere_and_keeps_cpu_tensors():
     cpu = {"w": torch.ones(2), "nested": [torch.zeros(1)]}
-    out = train_loop.state_to_cpu(cpu)
+    out = worker_loop.state_to_cpu(cpu)
     assert out["w"] is cpu["w"] and out["nested"][0] is cpu["nested"][0]  # no copy of what is already there
     with pytest.raises(NotImplementedError, match="meta"):  # a meta tensor has no data to copy: it was moved
-        train_loop.state_to_cpu({"w": torch.ones(1, device="meta")})
+        worker_loop.state_to_cpu({"w": torch.ones(1, device="meta")})
 
 
 @needs_ray
@@ -379,7 +380,7 @@ def test_report_with_checkpoint_saves_cpu_tensors(monkeypatch, tmp_path):
     import ray.train
 
     reported, moved = {}, []
-    original = train_loop.state_to_cpu
+    original = worker_loop.state_to_cpu
 
     def spy(state):
         out = original(state)
@@ -390,14 +391,14 @@ def test_report_with_checkpoint_saves_cpu_tensors(monkeypatch, tmp_path):
         reported["metrics"] = metrics
         reported["state"] = torch.load(Path(checkpoint.path) / "checkpoint.pt", weights_only=True)
 
-    monkeypatch.setattr(train_loop, "state_to_cpu", spy)
+    monkeypatch.setattr(worker_loop, "state_to_cpu", spy)
     monkeypatch.setattr(ray.train, "report", fake_report)
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.ones(1, 2)).sum().backward()
     optimizer.step()
     state = {"model": {"name": "x"}, "student": model.state_dict(), "optimizer": optimizer.state_dict()}
-    train_loop.report_with_checkpoint({"loss": 1.0}, state, rank=0)
+    worker_loop.report_with_checkpoint({"loss": 1.0}, state, rank=0)
     assert len(moved) == 1 and "checkpoint_time_s" in reported["metrics"]
     saved = tensors(reported["state"])
     assert saved and all(t.device.type == "cpu" for t in saved)
@@ -406,7 +407,7 @@ def test_report_with_checkpoint_saves_cpu_tensors(monkeypatch, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_state_to_cpu_copies_cuda_tensors():
     state = {"student": torch.nn.Linear(2, 2).cuda().state_dict()}
-    assert all(t.device.type == "cpu" for t in tensors(train_loop.state_to_cpu(state)))
+    assert all(t.device.type == "cpu" for t in tensors(worker_loop.state_to_cpu(state)))
 
 
 # --- 8. the streaming batch divides over the workers ---------------------------------------------------------

@@ -20,7 +20,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import config, epoch_logger, tracking
+from pipeline import config, tracking
+from pipeline.tracking import epoch_logger
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "cluster" / "local"

@@ -16,7 +16,8 @@ import mlflow
 import pytest
 import torch
 
-from pipeline import checkpoint, config, run, teacher_store
+from pipeline import config
+from pipeline.train import checkpoint, run, teachers
 from stkd.precision import resolve_for_device
 
 pytestmark = pytest.mark.slow
@@ -60,7 +61,7 @@ def test_teacher_run_finished_with_metrics_artifacts_and_checkpoint(teacher_run,
     versions = c.search_model_versions("name='teacher-test-digits'")
     assert versions, "teacher registered"
     mine = next(v for v in versions if v.run_id == teacher_run.run_id)
-    assert mine.tags[teacher_store.DATA_TAG] == dataset_input.dataset.digest  # its accuracy's dataset
+    assert mine.tags[teachers.DATA_TAG] == dataset_input.dataset.digest  # its accuracy's dataset
     # What the workers resolved train.precision=auto to on this machine, and where they trained.
     expected = resolve_for_device("auto", torch.device("cpu"))
     assert r.data.tags["hardware.precision"] == expected
@@ -81,7 +82,7 @@ def test_teacher_run_finished_with_metrics_artifacts_and_checkpoint(teacher_run,
 
 
 def test_the_validation_best_epoch_is_selected_and_its_model_logged(ray_session, mlflow_uri, tiny_overrides, digits):
-    from pipeline.dataset import PreparedDataset
+    from pipeline.data.dataset import PreparedDataset
 
     cfg = config.load("test_tiny", tiny_overrides + ["optim.epochs=4", "data.val_fraction=0.2", "optim.lr=0.3",
                                                      "train.checkpoint_every=3"])
@@ -98,13 +99,13 @@ def test_the_validation_best_epoch_is_selected_and_its_model_logged(ray_session,
     assert r.data.metrics["final/val_top1_selected"] == outcome.val_top1
     assert c.get_metric_history(outcome.run_id, "val/seen")[-1].value == int(r.data.tags["val_rows"]) > 0
     # The logged model is the selected epoch's: it scores that epoch's test accuracy (within one image).
-    state, _ = teacher_store.fetch(outcome.model_uri)
+    state, _ = teachers.fetch(outcome.model_uri)
     assert state["selected_epoch"] == outcome.selected_epoch
     model = checkpoint.build_model(state["model"])
     model.load_state_dict(state["student"])
     dataset = PreparedDataset.open(digits)
     images, labels = dataset.load_numpy("test")
-    accuracy = teacher_store.accuracy(model, images, labels, dataset.mean, dataset.std, 512)
+    accuracy = teachers.accuracy(model, images, labels, dataset.mean, dataset.std, 512)
     assert accuracy == pytest.approx(outcome.selected_top1, abs=100 / len(labels) + 1e-9)
 
 
@@ -219,7 +220,7 @@ def shared_teacher_probe(ctx):
     import ray.train
 
     shared = ray.get(ctx["ref"])
-    teacher = teacher_store.build(shared["spec"], shared["arrays"])
+    teacher = teachers.build(shared["spec"], shared["arrays"])
     views = all(
         p.data_ptr() == shared["arrays"][name].ctypes.data and not shared["arrays"][name].flags.writeable
         for name, p in teacher.state_dict().items()
@@ -238,8 +239,8 @@ def test_teacher_reaches_workers_as_one_shared_object(ray_session, teacher_run, 
     from ray.train.torch import TorchTrainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    state, _ = teacher_store.fetch(teacher_run.checkpoint_path)
-    ref = teacher_store.put(state)
+    state, _ = teachers.fetch(teacher_run.checkpoint_path)
+    ref = teachers.put(state)
     trainer = TorchTrainer(shared_teacher_probe, train_loop_config={"ref": ref, "out": str(tmp_path)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}))
     trainer.fit()

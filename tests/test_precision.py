@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.train_loop import EpochSums, Step, train_batch
+from pipeline.train import checkpoint
+from pipeline.train.worker_loop import EpochSums, Step, train_batch
 from stkd import methods, models
 from stkd.precision import (Precision, PrecisionError, cpu_has_native_bf16, resolve_channels_last,
                             resolve_precision)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import prepare as prepare_mod
-from pipeline import sources
-from pipeline.dataset import PreparedDataset
+from pipeline.data import prepare as prepare_mod
+from pipeline.data import sources
+from pipeline.data.dataset import PreparedDataset
 from pipeline.cli import main as stkd
-from pipeline.prepare import PrepareError, add_arguments, prepare, run, summary
+from pipeline.data.prepare import PrepareError, add_arguments, prepare, run, summary
 
 try:
     from tests import fixtures_data as fx

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from pipeline import cli, progress
+from pipeline import cli
+from pipeline.tracking import console as progress
 
 
 def metrics(**extra):

@@ -69,9 +69,9 @@ def test_a_sweep_on_s3_and_its_resume(s3_env, digits, tmp_path, monkeypatch):
     # An older sweep of the same space, named before it: --resume must not pick it.
     for variable, value in s3_env.items():
         monkeypatch.setenv(variable, value)
-    from pipeline import tune
+    from pipeline.sweep import trials
 
-    tune.write_text(f"{storage}/tune-space-20200101-000000-0000/{tune.SWEEP_FILE}", "{}")
+    storage.write_text(f"{storage}/tune-space-20200101-000000-0000/{trials.SWEEP_FILE}", "{}")
     args = [str(VENV_BIN / "stkd"), "tune", "--recipe", "test_tiny", "--space", str(tmp_path / "space.yaml"),
             "--samples", "1", "--scheduler", "fifo", f"data.path={digits}", f"train.storage_path={storage}",
             "train.workers=1", "train.cpus_per_worker=0.5", "optim.epochs=1"]
@@ -83,14 +83,14 @@ def test_a_sweep_on_s3_and_its_resume(s3_env, digits, tmp_path, monkeypatch):
     (tmp_path / "first.log").write_text(first.stdout + first.stderr)
     assert first.returncode == 0, first.stdout + first.stderr
     name = first.stdout.split("sweep ", 1)[1].split(":", 1)[0]
-    assert tune.STAMP.search(name), name
+    assert trials.STAMP.search(name), name
     stored = keys(s3_env, f"sweeps/{name}/")
     files = {k.rsplit("/", 1)[-1] for k in stored}
-    assert {"trials.csv", "accuracy_vs_hyperparameters.png", "best_recipe.yaml", tune.SWEEP_FILE, "tuner.pkl"} <= files
+    assert {"trials.csv", "accuracy_vs_hyperparameters.png", "best_recipe.yaml", trials.SWEEP_FILE, "tuner.pkl"} <= files
     checkpoints = [k for k in stored if k.endswith("/checkpoint.pt")]
     assert len({k.split("/")[2] for k in checkpoints}) == 2, f"each trial's checkpoint on S3: {checkpoints}"
     assert f"trials table: {storage}/{name}/trials.csv" in first.stdout
-    assert tune.latest_sweep(storage, "tune-space-") == name
+    assert trials.latest_sweep(storage, "tune-space-") == name
 
     again = subprocess.run([*args, "--resume"], env=run_env, cwd=tmp_path, capture_output=True, text=True,
                            timeout=300)

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import search_space
-from pipeline.search_space import SpaceError
+from pipeline.sweep import space as search_space
+from pipeline.sweep.space import SpaceError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from pipeline.train_loop import Selection
+from pipeline.train.worker_loop import Selection
 
 
 def epoch_metrics(val: float | None, test: float) -> dict[str, float]:

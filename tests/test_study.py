@@ -10,7 +10,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import study, teacher_store
+from pipeline.sweep import study
+from pipeline.train import teachers
 
 
 def write_spec(folder: Path, methods: str = "  ce: {name: ce}\n  kd: {name: kd}\n", seeds: str = "[0, 1]") -> Path:
@@ -89,8 +90,8 @@ def test_the_table_gives_each_method_its_mean_and_std_over_seeds(tmp_path, tiny_
 def test_study_runs_the_grid_writes_the_table_and_resumes(teacher_run, tiny_overrides, mlflow_uri, tmp_path,
                                                           monkeypatch):
     puts = []
-    original = teacher_store.put
-    monkeypatch.setattr(teacher_store, "put", lambda state: puts.append(1) or original(state))
+    original = teachers.put
+    monkeypatch.setattr(teachers, "put", lambda state: puts.append(1) or original(state))
     loaded = study.load_study(write_spec(tmp_path, seeds="[1]"), tiny_overrides)
     summary = study.run_study(loaded)
     assert len(puts) == 1, "the pair's teacher was put into the object store once"
@@ -246,10 +247,10 @@ def test_a_space_of_another_method_or_with_a_grid_is_refused(tmp_path, tiny_over
 @pytest.mark.slow
 def test_a_tuned_study_tunes_each_label_then_runs_its_seeds_with_the_winner(teacher_run, tiny_overrides, mlflow_uri,
                                                                             tmp_path, monkeypatch):
-    from pipeline import tune
+    from pipeline.sweep import trials
 
     loaded = study.load_study(write_tuned_spec(tmp_path), tiny_overrides + ["train.workers=1"])
-    name = tune.new_sweep_name("study-tuned")
+    name = trials.new_sweep_name("study-tuned")
 
     class Interrupted(Exception):
         pass
@@ -265,7 +266,7 @@ def test_a_tuned_study_tunes_each_label_then_runs_its_seeds_with_the_winner(teac
     c = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     experiment = c.get_experiment_by_name("stkd-tests").experiment_id
     storage = loaded["configs"][next(iter(loaded["configs"]))]["train"]["storage_path"]
-    parent = json.loads(tune.read_text(f"{storage}/{name}/{tune.SWEEP_FILE}"))["parent_run_id"]
+    parent = json.loads(storage.read_text(f"{storage}/{name}/{trials.SWEEP_FILE}"))["parent_run_id"]
 
     def children(stage):
         return c.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and tags.stage = '{stage}'")

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from pipeline import sweep_progress
-from pipeline.sweep_progress import Progress, trial_table
+from pipeline.sweep import progress as sweep_progress
+from pipeline.sweep.progress import Progress, trial_table
 
 
 class FakeTrial:
@@ -107,7 +107,7 @@ def test_a_sweep_the_resource_timeout_ended_resumes_every_trial(ray_session, tmp
     the trials it had not started yet (a Stopper's ``stop_all`` marks the search finished: none would run)."""
     from ray import tune
 
-    from pipeline import tune as sweep
+    from pipeline.sweep import trials
 
     def trainable(config):
         for step in range(3):
@@ -119,13 +119,13 @@ def test_a_sweep_the_resource_timeout_ended_resumes_every_trial(ray_session, tmp
     space = {"x": tune.grid_search([1, 2, 3])}
     tuner = tune.Tuner(tune.with_resources(trainable, {"CPU": 1}), param_space=space,
                        tune_config=tune.TuneConfig(max_concurrent_trials=1),
-                       run_config=sweep.run_config(base, "stalled", str(tmp_path), stalled))
+                       run_config=trials.run_config(base, "stalled", str(tmp_path), stalled))
     first = tuner.fit()
     assert stalled.timed_out
     assert len(first) < 3, "the timeout came before the last trial started"
 
     progress = Progress("val/top1", 3, {"CPU": 1.0}, timeout_s=60, pending=lambda: [])
-    results = sweep.restore(str(tmp_path / "stalled"), tune.with_resources(trainable, {"CPU": 1}), space, base,
+    results = trials.restore(str(tmp_path / "stalled"), tune.with_resources(trainable, {"CPU": 1}), space, base,
                             progress).fit()
     assert progress.timed_out is None
     assert sorted(r.config["x"] for r in results) == [1, 2, 3]

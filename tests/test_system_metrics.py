@@ -1,4 +1,4 @@
-"""Hardware use in MLflow (pipeline.system_metrics): real readings into a real SQLite store, without Ray."""
+"""Hardware use in MLflow (pipeline.tracking.system_metrics): real readings into a real SQLite store, without Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 import sys
 import time
 
-from pipeline import system_metrics
+from pipeline.tracking import system_metrics
 
 NODE = "node-a_10.0.0.1"
 CPU_AND_MEMORY = ("cpu_utilization_percentage", "system_memory_usage_megabytes", "system_memory_usage_percentage")
@@ -96,7 +96,7 @@ def test_readings_wait_while_the_server_is_away(mlflow_uri, monkeypatch, caplog)
 
     monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
     run_id = new_run(mlflow_uri)
-    caplog.set_level(logging.WARNING, logger="pipeline.system_metrics")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.system_metrics")
     monitor = system_metrics.start(run_id, mlflow_uri, NODE, interval_s=0.1)
     wait_for(lambda: monitor.readings >= 3)
     assert monitor.logged_points == 0
@@ -116,7 +116,7 @@ def test_readings_wait_while_the_server_is_away(mlflow_uri, monkeypatch, caplog)
 def test_dead_server_never_raises(monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once rather than retry for minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    caplog.set_level(logging.WARNING, logger="pipeline.system_metrics")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.system_metrics")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monitor = system_metrics.start("0" * 32, uri, NODE, interval_s=0.1)
     assert monitor is not None

@@ -9,8 +9,8 @@ import uuid
 import mlflow
 import pytest
 
-from pipeline import teacher_store
-from pipeline.checkpoint import CheckpointError
+from pipeline.train import teachers
+from pipeline.train.checkpoint import CheckpointError
 
 
 @pytest.fixture
@@ -31,32 +31,32 @@ def registry(mlflow_uri, tmp_path):
 def test_champion_moves_only_to_a_better_version_and_latest_is_the_newest(registry):
     client, name, add = registry
     scores = {add(): 50.0, add(): 40.0, add(): 60.0, add(): 60.0}  # versions 1..4
-    champions = [teacher_store.record_version(name, v, acc, {"source": "test"}, client=client)
+    champions = [teachers.record_version(name, v, acc, {"source": "test"}, client=client)
                  for v, acc in scores.items()]
     # First becomes champion; 40 does not beat 50; 60 does; a tie does not move it.
     assert champions == ["1", "1", "3", "3"]
-    assert str(client.get_model_version_by_alias(name, teacher_store.CHAMPION).version) == "3"
-    assert str(client.get_model_version_by_alias(name, teacher_store.LATEST).version) == "4"
+    assert str(client.get_model_version_by_alias(name, teachers.CHAMPION).version) == "3"
+    assert str(client.get_model_version_by_alias(name, teachers.LATEST).version) == "4"
     for version, acc in scores.items():
         tags = client.get_model_version(name, version).tags
-        assert float(tags[teacher_store.ACCURACY_TAG]) == acc and tags["source"] == "test"
+        assert float(tags[teachers.ACCURACY_TAG]) == acc and tags["source"] == "test"
 
 
 def test_a_tie_at_the_tags_rounding_keeps_the_champion(registry):
     # 282/360 is stored as "78.3333"; the same accuracy recorded again (unrounded) is a tie, not a win.
     client, name, add = registry
     first, second = add(), add()
-    assert teacher_store.record_version(name, first, 282 / 360 * 100, client=client) == first
-    assert teacher_store.record_version(name, second, 282 / 360 * 100, client=client) == first
-    assert client.get_model_version(name, second).tags[teacher_store.ACCURACY_TAG] == "78.3333"
+    assert teachers.record_version(name, first, 282 / 360 * 100, client=client) == first
+    assert teachers.record_version(name, second, 282 / 360 * 100, client=client) == first
+    assert client.get_model_version(name, second).tags[teachers.ACCURACY_TAG] == "78.3333"
 
 
 def test_a_champion_set_by_hand_without_accuracy_is_kept(registry, caplog):
     client, name, add = registry
     first, second = add(), add()
-    client.set_registered_model_alias(name, teacher_store.CHAMPION, first)
-    with caplog.at_level(logging.WARNING, logger="pipeline.teacher_store"):
-        assert teacher_store.record_version(name, second, 99.0, client=client) == first
+    client.set_registered_model_alias(name, teachers.CHAMPION, first)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.teachers"):
+        assert teachers.record_version(name, second, 99.0, client=client) == first
     assert "records no test_top1" in caplog.text
 
 
@@ -64,56 +64,56 @@ def test_a_bare_name_resolves_through_champion_else_latest(registry, caplog):
     client, name, add = registry
     for _ in range(3):
         add()
-    with caplog.at_level(logging.INFO, logger="pipeline.teacher_store"):
-        assert teacher_store.resolve_uri(name, client) == f"models:/{name}/3"
+    with caplog.at_level(logging.INFO, logger="pipeline.train.teachers"):
+        assert teachers.resolve_uri(name, client) == f"models:/{name}/3"
     assert "no champion alias, so its latest version -> version 3" in caplog.text
-    teacher_store.record_version(name, "2", 70.0, client=client)
+    teachers.record_version(name, "2", 70.0, client=client)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.teacher_store"):
-        assert teacher_store.resolve_uri(name, client) == f"models:/{name}/2"
+    with caplog.at_level(logging.INFO, logger="pipeline.train.teachers"):
+        assert teachers.resolve_uri(name, client) == f"models:/{name}/2"
     assert "its champion -> version 2 (test top-1 70.00%)" in caplog.text
     # Explicit versions and aliases, bare or as models:/ URIs, pinned to the version they name now.
-    assert teacher_store.resolve_uri(f"{name}/1", client) == f"models:/{name}/1"
-    assert teacher_store.resolve_uri(f"{name}@latest", client) == f"models:/{name}/3"
-    assert teacher_store.resolve_uri(f"models:/{name}@champion", client) == f"models:/{name}/2"
-    assert teacher_store.resolve_uri(f"models:/{name}", client) == f"models:/{name}/2"
+    assert teachers.resolve_uri(f"{name}/1", client) == f"models:/{name}/1"
+    assert teachers.resolve_uri(f"{name}@latest", client) == f"models:/{name}/3"
+    assert teachers.resolve_uri(f"models:/{name}@champion", client) == f"models:/{name}/2"
+    assert teachers.resolve_uri(f"models:/{name}", client) == f"models:/{name}/2"
 
 
 def test_unknown_aliases_and_names(registry):
     client, name, add = registry
     add()
     with pytest.raises(CheckpointError, match=r"no version under alias 'best' \(its aliases: none"):
-        teacher_store.resolve_uri(f"{name}@best", client)
+        teachers.resolve_uri(f"{name}@best", client)
     with pytest.raises(CheckpointError, match="no registered model 'no-such-teacher'"):
-        teacher_store.resolve_uri("models:/no-such-teacher@champion", client)
+        teachers.resolve_uri("models:/no-such-teacher@champion", client)
     # Not registered and no URI: left as it is (it may be a relative checkpoint path).
-    assert teacher_store.resolve_uri("no-such-teacher", client) == "no-such-teacher"
-    assert teacher_store.resolve_uri("runs:/abc/model", client) == "runs:/abc/model"
+    assert teachers.resolve_uri("no-such-teacher", client) == "no-such-teacher"
+    assert teachers.resolve_uri("runs:/abc/model", client) == "runs:/abc/model"
 
 
 @pytest.mark.slow
 def test_a_registered_teacher_run_records_its_accuracy_and_becomes_champion(teacher_run, mlflow_uri):
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
-    version = client.get_model_version_by_alias("teacher-test-digits", teacher_store.LATEST)
-    assert float(version.tags[teacher_store.ACCURACY_TAG]) == pytest.approx(teacher_run.selected_top1, abs=1e-4)
+    version = client.get_model_version_by_alias("teacher-test-digits", teachers.LATEST)
+    assert float(version.tags[teachers.ACCURACY_TAG]) == pytest.approx(teacher_run.selected_top1, abs=1e-4)
     assert version.run_id == teacher_run.run_id
-    champion = client.get_model_version_by_alias("teacher-test-digits", teacher_store.CHAMPION)
+    champion = client.get_model_version_by_alias("teacher-test-digits", teachers.CHAMPION)
     # The tag holds the accuracy rounded (78.3333 for 282/360): compare at the same rounding.
-    recorded = round(teacher_run.selected_top1, teacher_store.ACCURACY_DIGITS)
-    assert float(champion.tags[teacher_store.ACCURACY_TAG]) >= recorded
+    recorded = round(teacher_run.selected_top1, teachers.ACCURACY_DIGITS)
+    assert float(champion.tags[teachers.ACCURACY_TAG]) >= recorded
 
 
 def test_a_logged_model_uri_is_not_taken_for_a_registered_name():
     uri = "models:/m-0fecd43aa41f4a0a848bf0ae3d06790e"
-    assert teacher_store.resolve_uri(uri) == uri
+    assert teachers.resolve_uri(uri) == uri
 
 
 def test_a_version_measured_on_the_same_dataset_gives_its_accuracy_without_a_second_pass(registry):
     client, name, add = registry
     version = add()
-    teacher_store.record_version(name, version, 91.25, {teacher_store.DATA_TAG: "digest-a"}, client=client)
-    assert teacher_store.recorded_accuracy(f"models:/{name}/{version}", "digest-a", client) == 91.25
+    teachers.record_version(name, version, 91.25, {teachers.DATA_TAG: "digest-a"}, client=client)
+    assert teachers.recorded_accuracy(f"models:/{name}/{version}", "digest-a", client) == 91.25
     # Another dataset (other shard checksums), a path, an unrecorded version: measured again.
-    assert teacher_store.recorded_accuracy(f"models:/{name}/{version}", "digest-b", client) is None
-    assert teacher_store.recorded_accuracy("/some/checkpoint", "digest-a", client) is None
-    assert teacher_store.recorded_accuracy(f"models:/{name}/{add()}", "digest-a", client) is None
+    assert teachers.recorded_accuracy(f"models:/{name}/{version}", "digest-b", client) is None
+    assert teachers.recorded_accuracy("/some/checkpoint", "digest-a", client) is None
+    assert teachers.recorded_accuracy(f"models:/{name}/{add()}", "digest-a", client) is None

@@ -7,7 +7,9 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline import config, run, search_space, teacher_store, tune
+from pipeline import config
+from pipeline.sweep import space, search, trials
+from pipeline.train import run, teachers
 
 pytestmark = pytest.mark.slow
 
@@ -15,11 +17,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def sweep_result(teacher_run, tiny_overrides, monkeypatch_module, another_ray):
     puts = []
-    original = teacher_store.put
-    monkeypatch_module.setattr(teacher_store, "put", lambda state: puts.append(1) or original(state))
+    original = teachers.put
+    monkeypatch_module.setattr(teachers, "put", lambda state: puts.append(1) or original(state))
     base = config.load("test_tiny", tiny_overrides + ["method.name=stkd", "teacher.source=teacher-test-digits",
                                                       "optim.epochs=2", "name=test-sweep"])
-    summary = tune.sweep(base, search_space.load_space("demo"), samples=4, scheduler="asha")
+    summary = search.sweep(base, space.load_space("demo"), samples=4, scheduler="asha")
     return summary, puts, base
 
 
@@ -87,7 +89,7 @@ def test_best_recipe_runs_with_distill_unchanged(sweep_result, mlflow_uri):
 
 def test_resume_repeats_no_finished_trial(sweep_result, mlflow_uri):
     summary, _, base = sweep_result
-    again = tune.sweep(base, search_space.load_space("demo"), samples=4, scheduler="asha", name=summary["name"],
+    again = search.sweep(base, space.load_space("demo"), samples=4, scheduler="asha", name=summary["name"],
                        resume=True)
     assert again["parent_run_id"] == summary["parent_run_id"]
     _, runs = children(mlflow_uri, summary["parent_run_id"])
@@ -100,17 +102,17 @@ def tiny(tiny_overrides, *more):
 
 def test_concurrency_comes_from_the_options_never_from_the_nodes_up(tiny_overrides):
     cfg = tiny(tiny_overrides, "train.workers=2", "train.cpus_per_worker=0.5")
-    assert tune.concurrency(cfg, samples=8) == 8, "every trial: the autoscaler adds nodes for those waiting"
-    assert tune.concurrency(cfg, samples=8, cap=3) == 3
-    assert tune.concurrency(config.merge(cfg, {"tune": {"max_concurrent": 2}}), samples=8) == 2
+    assert trials.concurrency(cfg, samples=8) == 8, "every trial: the autoscaler adds nodes for those waiting"
+    assert trials.concurrency(cfg, samples=8, cap=3) == 3
+    assert trials.concurrency(config.merge(cfg, {"tune": {"max_concurrent": 2}}), samples=8) == 2
     gpu = tiny(tiny_overrides, "train.use_gpu=true", "train.workers=1", "train.gpus_per_worker=0.25")
-    assert tune.concurrency(gpu, samples=8) == 8, "no GPU up at launch is no reason to refuse a GPU sweep"
+    assert trials.concurrency(gpu, samples=8) == 8, "no GPU up at launch is no reason to refuse a GPU sweep"
     # A Ray this process started cannot grow: what it has bounds the sweep.
-    assert tune.concurrency(cfg, samples=4, cluster={"CPU": 2.0}) == 1
-    assert tune.concurrency(cfg, samples=4, cluster={"CPU": 8.0}) == 4
-    assert tune.concurrency(gpu, samples=8, cluster={"CPU": 16.0, "GPU": 1.0}) == 4
+    assert trials.concurrency(cfg, samples=4, cluster={"CPU": 2.0}) == 1
+    assert trials.concurrency(cfg, samples=4, cluster={"CPU": 8.0}) == 4
+    assert trials.concurrency(gpu, samples=8, cluster={"CPU": 16.0, "GPU": 1.0}) == 4
     with pytest.raises(config.ConfigError, match="one trial needs .* cannot grow"):
-        tune.concurrency(cfg, samples=1, cluster={"CPU": 0.5})
+        trials.concurrency(cfg, samples=1, cluster={"CPU": 0.5})
 
 
 @pytest.mark.parametrize("workers,share,ok", [(2, 0.5, False), (4, 0.25, False), (1, 0.25, True), (2, 1, True)])
@@ -127,7 +129,7 @@ def test_two_ranks_never_share_a_gpu(tiny_overrides, workers, share, ok):
     ("tune.max_concurrent=0", "tune.max_concurrent: must be >= 1"),
     ("tune.resource_timeout_s=0", "tune.resource_timeout_s: must be > 0"),
     ("tune.reduction_factor=1", "tune.reduction_factor"),
-    ("tune.grace_period=9", "tune.grace_period: ASHA's first rung must be within the 2 epochs"),
+    ("trials.grace_period=9", "trials.grace_period: ASHA's first rung must be within the 2 epochs"),
 ])
 def test_tune_options_are_checked(tiny_overrides, override, needle):
     with pytest.raises(config.ConfigError, match=needle):
@@ -137,13 +139,13 @@ def test_tune_options_are_checked(tiny_overrides, override, needle):
 def test_asha_first_rung_follows_the_schedule(tiny_overrides):
     standard = tiny(tiny_overrides, "optim.epochs=240", "optim.schedule=multistep",
                     "optim.milestones=[150, 180, 210]")
-    assert tune.grace_period(standard) == 151, "the first epoch trained after the first learning-rate drop"
+    assert trials.grace_period(standard) == 151, "the first epoch trained after the first learning-rate drop"
     cosine = tiny(tiny_overrides, "optim.epochs=100", "optim.schedule=cosine", "optim.warmup_epochs=10")
-    assert tune.grace_period(cosine) == 55, "half way through the decay"
-    assert tune.grace_period(config.merge(standard, {"tune": {"grace_period": 30}})) == 30
+    assert trials.grace_period(cosine) == 55, "half way through the decay"
+    assert trials.grace_period(config.merge(standard, {"tune": {"grace_period": 30}})) == 30
     constant = tiny(tiny_overrides, "optim.epochs=40", "optim.schedule=multistep", "optim.milestones=[]")
-    assert tune.grace_period(constant) == 10
-    asha = tune.make_scheduler("asha", standard, ("sqlite://", "x", "parent"))
+    assert trials.grace_period(constant) == 10
+    asha = trials.make_scheduler("asha", standard, ("sqlite://", "x", "parent"))
     assert asha._time_attr == "epochs_done" and asha._max_t == 240
     assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [151], "no rung before the first drop"
 
@@ -156,9 +158,9 @@ def test_latest_sweep_by_the_time_in_its_name(tmp_path):
         (tmp_path / name).mkdir()
         os.utime(tmp_path / name, (mtime, mtime))
     (tmp_path / "tune-demo-20261130-000000-dddd.txt").write_text("a file, not a sweep")
-    assert tune.latest_sweep(str(tmp_path), "tune-demo-") == "tune-demo-20261125-101500-aaaa"
-    assert tune.STAMP.search(tune.new_sweep_name("tune-demo"))
-    assert tune.latest_sweep(str(tmp_path / "none"), "tune-demo-") is None
+    assert trials.latest_sweep(str(tmp_path), "tune-demo-") == "tune-demo-20261125-101500-aaaa"
+    assert trials.STAMP.search(trials.new_sweep_name("tune-demo"))
+    assert trials.latest_sweep(str(tmp_path / "none"), "tune-demo-") is None
 
 
 def test_stopped_trials_give_their_placement_groups_back(sweep_result, ray_session, mlflow_uri):
@@ -191,11 +193,11 @@ def test_a_resumed_asha_compares_later_trials_with_the_rungs_from_before_the_sto
     the sweep's folder, so a trial after ``--resume`` is stopped where it would have been without one."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.MlflowClient(uri).create_experiment("x")
-    base = tiny(tiny_overrides, "optim.epochs=8", "tune.grace_period=2")
-    state = str(tmp_path / "sweep" / tune.ASHA_STATE)
+    base = tiny(tiny_overrides, "optim.epochs=8", "trials.grace_period=2")
+    state = str(tmp_path / "sweep" / trials.ASHA_STATE)
 
     def asha(state_file):
-        return tune.make_scheduler("asha", base, (uri, "x", "parent"), state_file=state_file, metric="val/top1",
+        return trials.make_scheduler("asha", base, (uri, "x", "parent"), state_file=state_file, metric="val/top1",
                                    mode="max")
 
     first = asha(state)

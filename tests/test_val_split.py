@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config as config_lib, run, val_split
+from pipeline import config as config_lib
+from pipeline.data import val_split
+from pipeline.train import run
 from pipeline.config import ConfigError
-from pipeline.train_loop import make_feeds
+from pipeline.train.worker_loop import make_feeds
 from test_data_feed import all_digests, digest
 
 

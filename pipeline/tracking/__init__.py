@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+from pipeline import ROOT
+
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
@@ -63,8 +65,7 @@ def git_commit() -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
-    for path in sorted([*root.glob("stkd/**/*.py"), *root.glob("pipeline/**/*.py")]):
+    for path in sorted([*ROOT.glob("stkd/**/*.py"), *ROOT.glob("pipeline/**/*.py")]):
         digest.update(path.read_bytes())
     return f"source-sha256:{digest.hexdigest()[:16]}"
 
@@ -217,7 +218,7 @@ def log_model(weights: dict[str, Any], image_shape: list[int] | tuple[int, ...],
     from mlflow.types import Schema, TensorSpec
 
     import stkd
-    from pipeline import checkpoint
+    from pipeline.train import checkpoint
 
     if os.environ.get("STKD_VERBOSE") != "1":  # also in a sweep's trial processes, which run no CLI
         # Said once in the README (the logged model is a pickle: load it from a store you trust), not every run.

@@ -1,6 +1,6 @@
 """``stkd study``: a paper's table in one command.
 
-A study spec (YAML, ``tune_spaces/studies/``) names a grid of pairs (recipes, each with its teacher
+A study spec (YAML, ``studies/``) names a grid of pairs (recipes, each with its teacher
 and student) x methods (a label for each method with its variant's hyperparameters) x seeds. Every
 cell is one Ray Tune trial training one run with its validation split; each pair's teacher is loaded
 and put into the object store once and shared by all its trials. The result is one MLflow parent run
@@ -34,7 +34,7 @@ entry sets) stay fixed: a space that searches one is refused, as is a space of a
 label's, and a ``grid`` distribution (it would give one label more trials than another). Each label's
 winner is its trial with the best validation top-1 at its selected epoch (``selected/val_top1``, the
 sweeps' selection metric; errored trials are left out, ties go to the earlier trial); test accuracy is
-not read to choose. The winners are kept in the study's state file (``tune.SWEEP_FILE``), so
+not read to choose. The winners are kept in the study's state file (``trials.SWEEP_FILE``), so
 ``--resume`` never runs a finished tuning stage again, and the seed runs then train with them. Every
 tuning trial and seed run is a child of the study's parent run, tagged ``stage=tune`` or ``stage=seeds``;
 the table states the budget (trials x epochs per label) and each label's chosen hyperparameters and
@@ -55,11 +55,13 @@ from pathlib import Path
 from typing import Any
 
 
-from pipeline import config as config_lib, run as run_lib, search_space, stopping, sweep_progress, tracking, tune
+from pipeline import ROOT, config as config_lib, stopping, storage, tracking
+from pipeline.sweep import space as search_space, progress as sweep_progress, trials
+from pipeline.train import run as run_lib
 
 log = logging.getLogger(__name__)
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces" / "studies"
+STUDIES_DIR = ROOT / "studies"
 LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")  # what MLflow accepts in a metric name
 TUNE_KEYS = ("samples", "scheduler", "epochs", "spaces")
 SCHEDULERS = ("fifo", "asha")
@@ -127,14 +129,14 @@ def load_study(name_or_path: str | Path, overrides: list[str] | None = None,
             raise StudyError(f"{where}: pair {pair!r}: {e}") from None
         if base["method"]["name"] != "ce" and not base["teacher"]["source"]:
             raise StudyError(f"{where}: pair {pair!r} names no teacher (teacher.source)")
-        base = tune.with_validation_split(base)
+        base = trials.with_validation_split(base)
         tune_base = base
         if tuning and tuning["epochs"] is not None:
             try:
                 tune_base = config_lib.load(pair, config_lib.with_epochs(common, base, tuning["epochs"]))
             except config_lib.ConfigError as e:
                 raise StudyError(f"{where}: tune.epochs: pair {pair!r} at {tuning['epochs']} epoch(s): {e}") from None
-            tune_base = tune.with_validation_split(tune_base)
+            tune_base = trials.with_validation_split(tune_base)
         for label, method in method_specs.items():
             for seed in seeds:
                 configs[(pair, label, seed)] = cell_config(where, base, pair, label, method, seed)
@@ -217,7 +219,7 @@ def pair_name(pair: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spec", required=True, help="study YAML path or shipped name (tune_spaces/studies/)")
+    parser.add_argument("--spec", required=True, help="study YAML path or shipped name (studies/)")
     parser.add_argument("--name", help="study name (default: a new unique one); with --resume, the study to resume")
     parser.add_argument("--resume", action="store_true", help="resume an interrupted study (the latest one of this "
                                                                "spec unless --name says which)")
@@ -235,7 +237,7 @@ def study_trial(params: dict[str, Any], *, configs: dict, teachers: dict, study_
     pair, label, seed = params["cell"]
     config = config_lib.merge(configs[(pair, label, seed)], {})
     teacher = teachers.get(pair) if config["method"]["name"] != "ce" else None
-    tune.train_trial(config, teacher, parent_run_id, study_dir,
+    trials.train_trial(config, teacher, parent_run_id, study_dir,
                      {"study": study_name, "pair": pair, "variant": label, "stage": "seeds"})
 
 
@@ -245,7 +247,7 @@ def tuning_trial(params: dict[str, Any], *, configs: dict, keys: dict[str, list[
     pair, label = params["cell"]
     config = search_space.apply(configs[(pair, label)], {k: params[k] for k in keys[label]})
     teacher = teachers.get(pair) if config["method"]["name"] != "ce" else None
-    tune.train_trial(config, teacher, parent_run_id, tuning_dir,
+    trials.train_trial(config, teacher, parent_run_id, tuning_dir,
                      {"study": study_name, "pair": pair, "variant": label, "stage": "tune"})
 
 
@@ -310,20 +312,20 @@ def per_cell_scheduler(schedulers: dict[tuple[str, str], Any]):
     return PerCell()
 
 
-def choose_winners(trials: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+def choose_winners(results: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     """Each (pair, label)'s best tuning trial by validation top-1 at its selected epoch.
 
-    ``trials``: ``{"cell": (pair, label), "params": {...}, "metrics": {...}, "error": bool}`` per trial.
+    ``results``: ``{"cell": (pair, label), "params": {...}, "metrics": {...}, "error": bool}`` per trial.
     Only ``selected/val_top1`` (and ``trial_id``) of the metrics is read, never a test metric; errored
     trials and trials without a validation result are left out; ties go to the earlier trial.
     """
     winners: dict[tuple[str, str], dict[str, Any]] = {}
     finished: dict[tuple[str, str], int] = {}
-    for trial in trials:
+    for trial in results:
         metrics = trial["metrics"] or {}
-        if trial.get("error") or tune.SELECTED_VAL not in metrics:
+        if trial.get("error") or trials.SELECTED_VAL not in metrics:
             continue
-        cell, value = tuple(trial["cell"]), float(metrics[tune.SELECTED_VAL])
+        cell, value = tuple(trial["cell"]), float(metrics[trials.SELECTED_VAL])
         finished[cell] = finished.get(cell, 0) + 1
         if cell not in winners or value > winners[cell]["val_top1"]:
             winners[cell] = {"pair": cell[0], "method": cell[1], "params": dict(trial["params"]), "val_top1": value,
@@ -351,12 +353,12 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
 
     configs = study["configs"]
     first = next(iter(configs.values()))
-    storage = first["train"]["storage_path"]
-    name = name or (tune.latest_sweep(storage, f"study-{study['name']}-") if resume else None) \
-        or tune.new_sweep_name(f"study-{study['name']}")
-    study_dir = f"{storage.rstrip('/')}/{name}"
-    state_file = f"{study_dir}/{tune.SWEEP_FILE}"
-    state = json.loads(tune.read_text(state_file) or "{}") if resume else {}
+    storage_path = first["train"]["storage_path"]
+    name = name or (trials.latest_sweep(storage_path, f"study-{study['name']}-") if resume else None) \
+        or trials.new_sweep_name(f"study-{study['name']}")
+    study_dir = f"{storage_path.rstrip('/')}/{name}"
+    state_file = f"{study_dir}/{trials.SWEEP_FILE}"
+    state = json.loads(storage.read_text(state_file) or "{}") if resume else {}
     if resume and not state and not ray_tune.Tuner.can_restore(study_dir):
         raise StudyError(f"no study to resume at {study_dir}")
     # A pair's config that names its teacher (any of its configs when none does: a study of CE students).
@@ -395,20 +397,20 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
                                       resume_run_id=state.get("parent_run_id"))
     with holder as parent_run_id:
         state = {**state, "parent_run_id": parent_run_id}
-        tune.write_text(state_file, json.dumps(state))
+        storage.write_text(state_file, json.dumps(state))
         tuning = None
         if study["tune"]:
             tuning = state.get("tuning")
             if tuning is None:
                 tuning = run_tuning(study, teachers, name, parent_run_id, study_dir, resume, max_concurrent)
                 state = {**state, "tuning": tuning}
-                tune.write_text(state_file, json.dumps(state))  # a resumed study never tunes again
+                storage.write_text(state_file, json.dumps(state))  # a resumed study never tunes again
                 log_tuning(uri, parent_run_id, tuning)
             else:
                 log.info("study %s: the tuning stage finished before; seeds run with its winners", name)
             configs = with_winners(study, tuning)
         results = run_seeds(study, configs, teachers, name, parent_run_id, study_dir, resume, max_concurrent)
-        return summarize(study, results, teachers, name, parent_run_id, uri, storage, tuning)
+        return summarize(study, results, teachers, name, parent_run_id, uri, storage_path, tuning)
 
 
 def tuning_epochs(study: dict[str, Any]) -> str:
@@ -428,31 +430,31 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
     keys = {label: list(space["parameters"]) for label, space in spec["spaces"].items()}
     trainable = functools.partial(tuning_trial, configs=configs, keys=keys, teachers=teachers, study_name=name,
                                   parent_run_id=parent_run_id, tuning_dir=tuning_dir)
-    trainable = ray_tune.with_resources(trainable, {"CPU": tune.TRIAL_CPU})
-    trials = spec["samples"] * len(configs)
-    concurrent = tune.concurrency(first, trials, max_concurrent, tune.fixed_cluster())
+    trainable = ray_tune.with_resources(trainable, {"CPU": trials.TRIAL_CPU})
+    count = spec["samples"] * len(configs)
+    concurrent = trials.concurrency(first, count, max_concurrent, trials.fixed_cluster())
     epochs = max(c["optim"]["epochs"] for c in configs.values())
-    progress = sweep_progress.Progress(tune.SELECTED_VAL, epochs, tune.trial_resources(first),
+    progress = sweep_progress.Progress(trials.SELECTED_VAL, epochs, trials.trial_resources(first),
                                        first["tune"]["resource_timeout_s"])
     try:
         if resume and ray_tune.Tuner.can_restore(tuning_dir):
-            tuner = tune.restore(tuning_dir, trainable, tuning_space(study), first, progress)
+            tuner = trials.restore(tuning_dir, trainable, tuning_space(study), first, progress)
         else:
             scheduler = None
             if spec["scheduler"] == "asha":
                 scheduler = per_cell_scheduler({
-                    cell: tune.make_scheduler("asha", config, (uri, experiment, parent_run_id),
+                    cell: trials.make_scheduler("asha", config, (uri, experiment, parent_run_id),
                                               metric=spec["spaces"][cell[1]]["metric"], mode="max",
                                               state_file=f"{tuning_dir}/{pair_name(cell[0])}-{cell[1]}-"
-                                                         f"{tune.ASHA_STATE}")
+                                                         f"{trials.ASHA_STATE}")
                     for cell, config in configs.items()})
             tuner = ray_tune.Tuner(
                 trainable, param_space=tuning_space(study),
                 tune_config=ray_tune.TuneConfig(num_samples=spec["samples"], scheduler=scheduler,
                                                 max_concurrent_trials=concurrent),
-                run_config=tune.run_config(first, TUNING_DIR, study_dir, progress))
+                run_config=trials.run_config(first, TUNING_DIR, study_dir, progress))
         log.info("study %s, tuning: %d trial(s) (%d per method label on each of %d pair(s)) x %s epoch(s), %s, up to "
-                 "%d at once", name, trials, spec["samples"], len(study["pairs"]), tuning_epochs(study),
+                 "%d at once", name, count, spec["samples"], len(study["pairs"]), tuning_epochs(study),
                  spec["scheduler"], concurrent)
         with stopping.signals.graceful(stopping.tune_stopper):
             results = tuner.fit()
@@ -460,7 +462,7 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
         sweep_progress.check_timed_out(progress, f"study {name} (tuning)", "--resource-timeout SECONDS",
                                        stopping.continue_command(resume_name=name))
     finally:
-        tune.close_trial_runs(uri, experiment, parent_run_id, epochs)
+        trials.close_trial_runs(uri, experiment, parent_run_id, epochs)
     reported = []
     for result in results:
         if not result.config:  # a trial stopped before its first report: nothing to choose from
@@ -499,25 +501,25 @@ def run_seeds(study: dict[str, Any], configs: dict, teachers: dict, name: str, p
     from ray import tune as ray_tune
 
     first = next(iter(configs.values()))
-    storage = first["train"]["storage_path"]
+    storage_path = first["train"]["storage_path"]
     uri, experiment = tracking.tracking_uri(first), first["mlflow"]["experiment"]
     cells = sorted(configs, key=lambda k: (k[2], study["pairs"].index(k[0]), list(study["methods"]).index(k[1])))
     epochs = max(c["optim"]["epochs"] for c in configs.values())
     trainable = functools.partial(study_trial, configs=configs, teachers=teachers, study_name=name,
                                   parent_run_id=parent_run_id, study_dir=study_dir)
-    trainable = ray_tune.with_resources(trainable, {"CPU": tune.TRIAL_CPU})
-    concurrent = tune.concurrency(first, len(cells), max_concurrent, tune.fixed_cluster())
-    progress = sweep_progress.Progress(tune.SELECTED_VAL, epochs, tune.trial_resources(first),
+    trainable = ray_tune.with_resources(trainable, {"CPU": trials.TRIAL_CPU})
+    concurrent = trials.concurrency(first, len(cells), max_concurrent, trials.fixed_cluster())
+    progress = sweep_progress.Progress(trials.SELECTED_VAL, epochs, trials.trial_resources(first),
                                        first["tune"]["resource_timeout_s"])
     param_space = {"cell": ray_tune.grid_search([list(c) for c in cells])}
     try:
         if resume and ray_tune.Tuner.can_restore(study_dir):
-            tuner = tune.restore(study_dir, trainable, param_space, first, progress)
+            tuner = trials.restore(study_dir, trainable, param_space, first, progress)
         else:
             tuner = ray_tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=ray_tune.TuneConfig(max_concurrent_trials=concurrent),
-                run_config=tune.run_config(first, name, storage, progress))
+                run_config=trials.run_config(first, name, storage_path, progress))
         log.info("study %s: %d runs (%d pair(s) x %d method(s) x %d seed(s)), up to %d at once", name, len(cells),
                  len(study["pairs"]), len(study["methods"]), len(study["seeds"]), concurrent)
         with stopping.signals.graceful(stopping.tune_stopper):
@@ -526,7 +528,7 @@ def run_seeds(study: dict[str, Any], configs: dict, teachers: dict, name: str, p
         sweep_progress.check_timed_out(progress, f"study {name}", "--resource-timeout SECONDS",
                                        stopping.continue_command(resume_name=name))
     finally:
-        tune.close_trial_runs(uri, experiment, parent_run_id, epochs)
+        trials.close_trial_runs(uri, experiment, parent_run_id, epochs)
     return results
 
 
@@ -636,7 +638,7 @@ def format_tuning(study: dict[str, Any], tuning: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def summarize(study, results, teachers, name, parent_run_id, uri, storage, tuning=None) -> dict[str, Any]:
+def summarize(study, results, teachers, name, parent_run_id, uri, storage_path, tuning=None) -> dict[str, Any]:
     import csv
 
     import mlflow
@@ -645,7 +647,7 @@ def summarize(study, results, teachers, name, parent_run_id, uri, storage, tunin
     if not rows:
         raise RuntimeError(f"study {name}: no run finished; first error: {errors[0] if errors else 'none'}")
     table = aggregate(study, rows, teachers)
-    out_dir = tune.results_dir(storage, name)
+    out_dir = trials.results_dir(storage_path, name)
     text = format_table(table)
     if tuning:
         text += "\n\n" + format_tuning(study, tuning)
@@ -661,7 +663,7 @@ def summarize(study, results, teachers, name, parent_run_id, uri, storage, tunin
     files = [out_dir / f for f in ("study_table.md", "study_runs.csv", "study_summary.json", "study_plot.png")]
     for file in files:
         mlflow.log_artifact(str(file))
-    stored_dir = tune.publish(out_dir, storage, name, files)[0].rsplit("/", 1)[0]
+    stored_dir = trials.publish(out_dir, storage_path, name, files)[0].rsplit("/", 1)[0]
     metrics = {}
     for row in table:
         if row["method"].startswith("teacher") or row["selected"] is None:

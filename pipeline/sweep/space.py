@@ -16,10 +16,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipeline import config as config_lib
+from pipeline import ROOT, config as config_lib
 from stkd import methods
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
+SPACES_DIR = ROOT / "tune_spaces"
 DISTRIBUTIONS = {"uniform": ("low", "high"), "loguniform": ("low", "high"), "randint": ("low", "high"),
                  "choice": ("values",), "grid": ("values",)}
 # Config keys outside the method that a sweep may search.

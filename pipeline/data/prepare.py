@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import FORMAT_VERSION, MANIFEST, file_sha256
-from .sources import KINDS, PrepareError, Source, open_source
+from pipeline.data.dataset import FORMAT_VERSION, MANIFEST, file_sha256
+from pipeline.data.sources import KINDS, PrepareError, Source, open_source
 
 __all__ = [
     "FORMAT_VERSION",

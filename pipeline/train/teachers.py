@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline import checkpoint
+from pipeline.train import checkpoint
 from stkd.methods import freeze
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Will the split fit? Checked on the worker before ``data.in_memory`` loads it, so a run that cannot fit
 stops at once with the numbers instead of an out-of-memory error halfway through loading or training.
 
-What a worker needs with ``data.in_memory=true`` (see ``pipeline.train_loop.make_feeds``):
+What a worker needs with ``data.in_memory=true`` (see ``pipeline.train.worker_loop.make_feeds``):
 
 - on its GPU: the whole train split (training and validation rows share one copy, carved by index) plus
   its part of the test split, labels and row indices included; and every trial that shares the GPU

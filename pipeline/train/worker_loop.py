@@ -3,7 +3,7 @@
 One function for teachers (method ``ce``) and students: data in, augmentation on the device,
 ``method.forward_train``, the weighted loss terms summed and reported by name. Rank 0 writes
 checkpoints; every worker takes part in the evaluation of the whole test split. Metrics reach
-MLflow through ``pipeline.epoch_logger`` on the controller.
+MLflow through ``pipeline.tracking.epoch_logger`` on the controller.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, memory_check, storage, system_metrics, teacher_store
-from pipeline.data_feed import InMemoryFeed, RayDataFeed, per_worker_batch, sync_bn_pays
-from pipeline.dataset import PreparedDataset
+from pipeline import storage
+from pipeline.data import memory_check
+from pipeline.tracking import system_metrics
+from pipeline.train import checkpoint, teachers as teacher_store
+from pipeline.data.feeds import InMemoryFeed, RayDataFeed, per_worker_batch, sync_bn_pays
+from pipeline.data.dataset import PreparedDataset
 from stkd import calibration, methods, models, precision
 from stkd.augment import channel_stats, nhwc_to_nchw, normalize, random_crop_flip
 from stkd.training import eval_logits, scaled_train_step, train_step
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def resolve_sync_bn(value: bool | str, device: torch.device, world: int, per_worker_batch: int | None = None) -> bool:
     """``train.sync_bn``: ``auto`` is on with CUDA, more than one worker and a per-GPU batch small enough
-    that its BatchNorm statistics get noisy (below ``pipeline.data_feed.SYNC_BN_BELOW`` = 32 samples; the
+    that its BatchNorm statistics get noisy (below ``pipeline.data.feeds.SYNC_BN_BELOW`` = 32 samples; the
     reasoning is there); an unknown batch (``None``) counts as small. PyTorch's SyncBatchNorm runs on GPUs
     only, so on the CPU each worker's BatchNorm keeps its own statistics (the config check refuses ``true``
     without ``train.use_gpu``, and SyncBatchNorm with ``train.compile``)."""
@@ -190,10 +193,10 @@ def restore_rng(generators: dict[str, torch.Generator], rng: dict[str, Any], ran
 def make_feeds(config, info, rank, world, device):
     """Train, validation (None without a validation split) and test feeds for this worker.
 
-    In memory: the memory check first (``pipeline.memory_check``: refuses, with the numbers, a split that
+    In memory: the memory check first (``pipeline.data.memory_check``: refuses, with the numbers, a split that
     this worker's GPU or host cannot hold), then the train split goes to the device once and the training
     and validation feeds take their rows from that one copy by index. Every shape the feeds give is one of a
-    handful fixed for the run (equal per-worker batches, see ``pipeline.data_feed``), so on CUDA cuDNN's
+    handful fixed for the run (equal per-worker batches, see ``pipeline.data.feeds``), so on CUDA cuDNN's
     autotuner (``cudnn.benchmark``) runs once per shape and picks the fastest convolution algorithms."""
     data, optim, seed = config["data"], config["optim"], config["train"]["seed"]
     val_keys = info.get("val_keys")
@@ -223,7 +226,7 @@ def make_feeds(config, info, rank, world, device):
         return RayDataFeed(ray.train.get_dataset_shard(split), info["image_shape"], batch_size, device, shuffle, seed)
 
     # Equal per-worker batches (the config check makes optim.batch_size divide over the workers), equal rows
-    # per worker (pipeline.data_feed.split_data_config): every worker takes the same steps, without DDP's join.
+    # per worker (pipeline.data.feeds.split_data_config): every worker takes the same steps, without DDP's join.
     train = shard_feed("train", per_worker_batch(optim["batch_size"], world), True)
     val = shard_feed("val", data["eval_batch_size"], False) if val_keys is not None else None
     return train, val, shard_feed("test", data["eval_batch_size"], False)
@@ -387,7 +390,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         lr = optimizer.param_groups[0]["lr"]
         sums = EpochSums(method.term_names(), device)
         start = time.perf_counter()
-        # Every worker takes the same steps (pipeline.data_feed), so no DDP join, whose shadow all-reduces
+        # Every worker takes the same steps (pipeline.data.feeds), so no DDP join, whose shadow all-reduces
         # cannot stand in for SyncBatchNorm's collectives (a worker out of data would hang the others).
         for images, labels in train_feed.batches(epoch):
             train_batch(method, optimizer, step, images, labels, amp, sums)
@@ -436,7 +439,7 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         if stop:
             log.info("rank %d: stopped after epoch %d on the driver's request", rank, epoch)
             break
-        if rank == 0:  # the driver prints each epoch (pipeline.progress); this is for the worker's log file
+        if rank == 0:  # the driver prints each epoch (pipeline.tracking.console); this is for the worker's log file
             log.debug("epoch %d/%d %s", epoch + 1, epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
     system_metrics.stop(monitor)

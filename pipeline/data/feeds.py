@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.dataset import PreparedDataset, decode_images
+from pipeline.data.dataset import PreparedDataset, decode_images
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -214,12 +214,12 @@ def ray_datasets(dataset: PreparedDataset, world_size: int, val_split: tuple[np.
     evaluation splits (which deals whole blocks to workers) still gives every worker a near-equal share, and
     that the equal split of ``train`` (:func:`split_data_config`) needs to hold back little to equalize.
 
-    ``val_split`` (validation keys, key seed; see :mod:`pipeline.val_split`): the train shards are
+    ``val_split`` (validation keys, key seed; see :mod:`pipeline.data.val_split`): the train shards are
     read twice, once keeping the training rows as ``train`` and once the held-out rows as ``val``.
     """
     import ray.data
 
-    from pipeline.val_split import filter_batch
+    from pipeline.data.val_split import filter_batch
 
     blocks = 16 * world_size
     out = {split: ray.data.read_parquet(dataset.shard_paths(split)).repartition(blocks) for split in splits}

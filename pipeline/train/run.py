@@ -18,9 +18,11 @@ from typing import Any, Iterator
 
 import yaml
 
-from pipeline import (checkpoint, config as config_lib, progress, ray_worker, stopping, storage, system_metrics, teacher_store,
-                      tracking, val_split)
-from pipeline.dataset import PreparedDataset
+from pipeline import config as config_lib, ray_worker, stopping, storage, tracking
+from pipeline.data import val_split
+from pipeline.tracking import console as progress, system_metrics
+from pipeline.train import checkpoint, teachers
+from pipeline.data.dataset import PreparedDataset
 
 log = logging.getLogger(__name__)
 
@@ -130,23 +132,23 @@ def load_teacher(config: dict[str, Any], info: dict[str, Any]) -> Teacher:
 
 def share_teacher(state: dict[str, Any], uri: str, accuracy: float | None) -> Teacher:
     """``ray.put`` a fetched teacher once: the ObjectRef every worker and trial shares."""
-    return Teacher(ref=teacher_store.put(state), uri=uri, spec=state["model"], accuracy=accuracy)
+    return Teacher(ref=teachers.put(state), uri=uri, spec=state["model"], accuracy=accuracy)
 
 
 def fetch_teacher(config: dict[str, Any], info: dict[str, Any]) -> tuple[dict[str, Any], str, float | None]:
     """The teacher's checkpoint, checked against the dataset, and its test accuracy; without Ray, so a bad
     ``teacher.source`` is a one-line error before anything starts. Returns ``(state, uri, accuracy)``."""
     source = config["teacher"]["source"]
-    if not teacher_store.is_path(source):
+    if not teachers.is_path(source):
         tracking.client(tracking.tracking_uri(config))  # a registered name is looked up in the run's own store
-    state, uri = teacher_store.fetch(source)
+    state, uri = teachers.fetch(source)
     spec = state["model"]
     if spec["num_classes"] != info["num_classes"] or spec["in_channels"] != info["image_shape"][2]:
         raise config_lib.ConfigError(
             f"teacher {uri} was trained for {spec['num_classes']} classes and {spec['in_channels']} channels; "
             f"dataset {info['path']} has {info['num_classes']} classes and {info['image_shape'][2]} channels")
     accuracy = None
-    recorded = teacher_store.recorded_accuracy(uri, info["digest"]) if config["teacher"]["evaluate"] else None
+    recorded = teachers.recorded_accuracy(uri, info["digest"]) if config["teacher"]["evaluate"] else None
     if recorded is not None:
         # Measured on this very test split (same shard checksums) when it was registered: no second pass.
         accuracy = recorded
@@ -156,7 +158,7 @@ def fetch_teacher(config: dict[str, Any], info: dict[str, Any]) -> tuple[dict[st
         model = checkpoint.build_model(spec)
         model.load_state_dict(state["student"])
         images, labels = PreparedDataset.open(info["path"], verify=False).load_numpy("test")
-        accuracy = teacher_store.accuracy(model, images, labels, info["mean"], info["std"],
+        accuracy = teachers.accuracy(model, images, labels, info["mean"], info["std"],
                                           config["data"]["eval_batch_size"])
         log.info("teacher %s (%s): test top-1 %.2f%%", uri, spec["name"], accuracy)
     return state, uri, accuracy
@@ -166,8 +168,8 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data_feed import ray_datasets, split_data_config
-    from pipeline.train_loop import train_loop_per_worker
+    from pipeline.data.feeds import ray_datasets, split_data_config
+    from pipeline.train.worker_loop import train_loop_per_worker
 
     train_cfg = config["train"]
     resources = {"CPU": train_cfg["cpus_per_worker"]}
@@ -249,7 +251,7 @@ def train(
         tags.update({"teacher_uri": teacher.uri, "teacher_model": teacher.spec["name"],
                      "teacher_object_id": teacher.ref.hex()})
         if teacher.accuracy is not None:
-            tags["teacher_test_top1"] = f"{teacher.accuracy:.{teacher_store.ACCURACY_DIGITS}f}"
+            tags["teacher_test_top1"] = f"{teacher.accuracy:.{teachers.ACCURACY_DIGITS}f}"
     start = time.perf_counter()
     params = config_lib.flatten(config) if not resume_run_id else {}  # a reopened run has them already
     with tracking.tracked_run(uri, config["mlflow"]["experiment"], run_name, params, tags,
@@ -265,7 +267,7 @@ def train(
                         "mlflow_run_id": run_id, "tracking_uri": uri, "system_metrics": system_metrics.settings()}
         log.info("run %s: %s %s on %s with %d worker(s)", run_name, config["method"]["name"],
                  config["model"]["student"], info["path"], config["train"]["workers"])
-        from pipeline.epoch_logger import UNLOGGED_FILE, EpochLogger
+        from pipeline.tracking.epoch_logger import UNLOGGED_FILE, EpochLogger
 
         phases.add("mlflow_start", time.perf_counter() - start)
         epoch_logger = EpochLogger(uri, run_id)
@@ -503,8 +505,8 @@ def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, 
                                   image_shape, config["mlflow"]["register_as"])
         if info.registered_model_version is not None:  # its accuracy on the version; `champion` if it is the best
             manifest = PreparedDataset.open(config["data"]["path"], verify=False).manifest
-            teacher_store.record_version(config["mlflow"]["register_as"], info.registered_model_version,
+            teachers.record_version(config["mlflow"]["register_as"], info.registered_model_version,
                                          selected["test_top1"],
-                                         {teacher_store.DATA_TAG: tracking.dataset_digest(manifest)})
+                                         {teachers.DATA_TAG: tracking.dataset_digest(manifest)})
     return info.model_uri
 

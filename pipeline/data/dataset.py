@@ -1,4 +1,4 @@
-"""Reading a dataset written by `stkd prepare` (see :mod:`pipeline.prepare` for the format).
+"""Reading a dataset written by `stkd prepare` (see :mod:`pipeline.data.prepare` for the format).
 
 >>> ds = PreparedDataset.open("data/cifar10")          # checks every shard's sha256 (verify=False: sizes only)
 >>> x, y = ds.load_numpy("train")                      # uint8 (N, H, W, C), int64 (N,)
@@ -16,7 +16,7 @@ import numpy as np
 
 __all__ = ["DatasetError", "FORMAT_VERSION", "MANIFEST", "PreparedDataset", "decode_images", "file_sha256"]
 
-FORMAT_VERSION = 1  # of the layout below, written by pipeline.prepare
+FORMAT_VERSION = 1  # of the layout below, written by pipeline.data.prepare
 MANIFEST = "manifest.json"
 
 
