@@ -34,7 +34,7 @@ def train_ce(root: str, epochs: int, seed: int) -> dict:
     from pipeline.data import val_split
     from pipeline.data.feeds import InMemoryFeed
     from pipeline.data.dataset import PreparedDataset
-    from pipeline.train.worker_loop import EpochSums, Step, evaluate, make_generators, make_scheduler, train_batch
+    from pipeline.train.worker_loop import EpochSums, InputTransform, evaluate, make_generators, make_scheduler, train_batch
     from stkd import methods, models
     from stkd.precision import Precision, resolve_channels_last, resolve_for_device
 
@@ -56,7 +56,7 @@ def train_ce(root: str, epochs: int, seed: int) -> dict:
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim["lr"], momentum=optim["momentum"],
                                 weight_decay=optim["weight_decay"])
     scheduler = make_scheduler(optimizer, optim)
-    step = Step(dataset.mean, dataset.std, 4, True, channels_last, generators["augment"])
+    step = InputTransform(dataset.mean, dataset.std, 4, True, channels_last, generators["augment"])
     amp = Precision.create(precision, "cpu")
     train = InMemoryFeed(images, labels, 64, 0, 1, device, shuffle=True, seed=seed, rows=np.flatnonzero(~held_out))
     val = InMemoryFeed(images, labels, 512, 0, 1, device, shuffle=False, rows=split.positions)

@@ -3,9 +3,9 @@
 On the full prepared CIFAR-10 train split (50,000 images), in one run on the CPU:
 
 - ``InMemoryFeed`` (the split loaded once into device memory, batches by ``index_select``) followed
-  by ``Step.train_input`` (batched random crop + flip + normalize): images/s of augmented float batches;
+  by ``InputTransform.train_input`` (batched random crop + flip + normalize): images/s of augmented float batches;
 - ``RayDataFeed`` over ``ray.data.read_parquet`` of the shards (``ds.iterator()`` in the driver, local
-  shuffle buffer as in training, Parquet -> numpy -> decode -> torch) followed by ``Step.train_input``;
+  shuffle buffer as in training, Parquet -> numpy -> decode -> torch) followed by ``InputTransform.train_input``;
 - a resnet56 -> resnet20 STKD training step (forward_train + backward + SGD) on the same batches:
   images/s consumed.
 
@@ -30,12 +30,12 @@ import torch  # noqa: E402
 from pipeline import config as config_lib, run  # noqa: E402
 from pipeline.data.feeds import InMemoryFeed, RayDataFeed  # noqa: E402
 from pipeline.data.dataset import PreparedDataset  # noqa: E402
-from pipeline.train.worker_loop import Step  # noqa: E402
+from pipeline.train.worker_loop import InputTransform  # noqa: E402
 from stkd import methods, models  # noqa: E402
 from stkd.training import train_step  # noqa: E402
 
 
-def drain(batches, step: Step, limit: int | None = None) -> tuple[float, int]:
+def drain(batches, step: InputTransform, limit: int | None = None) -> tuple[float, int]:
     """Pull batches, augment them; returns (seconds, images)."""
     seen = 0
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def main() -> None:
                                                             f"optim.batch_size={args.batch_size}"])
     info = run.dataset_info(config)
     device = torch.device("cpu")
-    step = Step.from_config(config, info, torch.Generator(device=device).manual_seed(0), channels_last=False)
+    step = InputTransform.from_config(config, info, torch.Generator(device=device).manual_seed(0), channels_last=False)
     dataset = PreparedDataset.open(data_path, verify=False)
     results: dict = {}
 

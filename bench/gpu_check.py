@@ -11,7 +11,7 @@ runs):
    project's step, both pairs), without and with ``--compile``.
 3. ``method_cost_cuda``: ``bench/method_cost.py --device cuda`` in bf16, fp16 and fp32 (channels_last).
 4. ``cifar10_epoch``: one full-speed epoch of the real CIFAR-10 (the JPEG tarball, prepared on the spot)
-   through the worker step (``InMemoryFeed``, ``Step``, ``train_batch`` in ``train.precision=auto``), then the
+   through the worker step (``InMemoryFeed``, ``InputTransform``, ``train_batch`` in ``train.precision=auto``), then the
    test split evaluated: images/s, seconds, peak GPU memory.
 
 Everything goes to one folder (``$OUT`` when the device tool runs it, else ``bench/results/gpu_check``):
@@ -101,7 +101,7 @@ def cifar10_epoch(data: str, out: Path, smoke: bool) -> None:
     resnet20) over the prepared split, then the test split evaluated; written to ``cifar10_epoch.json``."""
     from pipeline.data.feeds import InMemoryFeed
     from pipeline.data.dataset import PreparedDataset
-    from pipeline.train.worker_loop import EpochSums, Step, evaluate, make_generators, train_batch
+    from pipeline.train.worker_loop import EpochSums, InputTransform, evaluate, make_generators, train_batch
     from stkd import methods, models
     from stkd.precision import Precision, resolve_channels_last, resolve_for_device
 
@@ -122,7 +122,7 @@ def cifar10_epoch(data: str, out: Path, smoke: bool) -> None:
     generators = make_generators(device, 0, 0)
     method = methods.create("stkd", student, teacher, generator=generators["method"])
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    step = Step(dataset.mean, dataset.std, 4, True, channels_last, generators["augment"])
+    step = InputTransform(dataset.mean, dataset.std, 4, True, channels_last, generators["augment"])
     amp = Precision.create(precision, device.type)
     load_start = time.perf_counter()
     feed = InMemoryFeed.from_split(dataset, "train", 64, 0, 1, device, shuffle=True, seed=0)

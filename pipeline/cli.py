@@ -98,9 +98,9 @@ def cmd_verify_data(args: argparse.Namespace) -> int:
 
 
 def cmd_log_run(args: argparse.Namespace) -> int:
-    from pipeline.train import run
+    from pipeline.tracking import outage
 
-    record, logged, model_uri = run.log_later(args.checkpoint, args.wait)
+    record, logged, model_uri = outage.log_later(args.checkpoint, args.wait)
     where = f"run {record['run_name']} ({record['run_id']}) at {record['tracking_uri']}"
     if not logged:
         print(f"{where}: nothing left to log")

@@ -202,7 +202,7 @@ def links_of(model_uri: str, client) -> dict[str, str]:
         return {"source_run_id": run[1]}
     path = Path(model_uri)
     if path.exists():  # a training checkpoint: its run is in the record beside the final one
-        from pipeline.train.run import RUN_FILE, read_json
+        from pipeline.tracking.outage import RUN_FILE, read_json
 
         file = checkpoint.find_file(path)
         for folder in (file.parent, file.parent.parent):

@@ -74,7 +74,7 @@ def test_waiting_for_resources_is_shown_and_ends_the_sweep(ray_session, caplog):
     pending = [[{"CPU": 2.0}]]
     progress = Progress("val/top1", 2, {"CPU": 2.0}, timeout_s=60, pending=lambda: pending[0], clock=lambda: now[0],
                         interrupt=lambda: False)  # as where Tune's fit runs outside the main thread
-    stopper = sweep_progress.resource_stopper(progress)
+    stopper = sweep_progress.ResourceStopper(progress)
     trials = [FakeTrial("t1"), FakeTrial("t2", "PENDING")]
     caplog.set_level("INFO", logger=sweep_progress.__name__)
     for t in range(0, 50, 5):

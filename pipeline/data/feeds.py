@@ -241,18 +241,6 @@ def split_data_config():
     (see the module's docstring). Evaluation splits (``val``, ``test``): ``equal=False``, every row exactly
     once; evaluation runs no collective per batch, so unequal shards are fine there.
     """
-    from ray.train import DataConfig
+    from pipeline import compat
 
-    class SplitDataConfig(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            output = [{} for _ in range(world_size)]
-            hints = worker_node_ids if self._enable_shard_locality else None
-            for name, ds in datasets.items():
-                ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                equal = name == "train"
-                for i, split in enumerate(ds.streaming_split(world_size, equal=equal, locality_hints=hints)):
-                    output[i][name] = split
-            return output
-
-    return SplitDataConfig()
+    return compat.split_data_config()

@@ -11,8 +11,9 @@ import logging
 import time
 from typing import Any
 
-from pipeline import config as config_lib
-from pipeline import stopping
+from ray import tune
+
+from pipeline import config as config_lib, stopping
 
 log = logging.getLogger(__name__)
 
@@ -82,97 +83,93 @@ def trial_table(trials: list, metric: str, epochs: int, reported: set[str], limi
     return lines
 
 
-class Progress:
+class Progress(tune.Callback):
     """A Tune callback logging, every ``SUMMARY_EVERY_S``, the trials running, waiting for resources,
     finished, stopped early and errored and the best so far; every ``TABLE_EVERY_S`` and at the end, the
     trial table. It notes when trials have waited ``timeout_s`` for resources while none progressed,
-    and :func:`resource_stopper` then ends the sweep.
+    and :class:`ResourceStopper` then ends the sweep.
 
     A trial waits for resources when it runs (its own driver holds a sliver of CPU) but its
     TorchTrainer's workers are not placed yet: Ray Train retries placing them until they fit, while
     the autoscaler adds nodes.
     """
 
-    def __new__(cls, metric: str, epochs: int, need: dict[str, float], timeout_s: float,
-                pending=pending_placement_groups, clock=time.monotonic, interrupt=stopping.interrupt_tune):
-        from ray import tune
+    def __init__(self, metric: str, epochs: int, need: dict[str, float], timeout_s: float,
+                 pending=pending_placement_groups, clock=time.monotonic, interrupt=stopping.interrupt_tune):
+        self.metric, self.epochs, self.need, self.timeout_s = metric, epochs, need, timeout_s
+        self.pending, self.clock, self.interrupt = pending, clock, interrupt
+        self.best = None
+        self.timed_out: str | None = None
+        self.interrupted = False  # the timeout stopped Tune as a stop signal does (resumable)
+        self.last_log = self.last_table = self.last_check = 0.0
+        self.progressed = None  # when a trial last reported, or nothing was pending
+        self.reported: set[str] = set()
+        self.waiting: list[dict[str, float]] = []
 
-        class _Progress(tune.Callback):
-            def __init__(self):
-                self.best = None
-                self.timed_out: str | None = None
-                self.interrupted = False  # the timeout stopped Tune as a stop signal does (resumable)
-                self.last_log = self.last_table = self.last_check = 0.0
-                self.progressed = None  # when a trial last reported, or nothing was pending
-                self.reported: set[str] = set()
-                self.waiting: list[dict[str, float]] = []
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.progressed = self.clock()
+        self.reported.add(trial.trial_id)
+        value = result.get(self.metric)
+        if value is not None and (self.best is None or value > self.best[0]):
+            self.best = (value, trial.trial_id)
 
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                self.progressed = clock()
-                self.reported.add(trial.trial_id)
-                value = result.get(metric)
-                if value is not None and (self.best is None or value > self.best[0]):
-                    self.best = (value, trial.trial_id)
+    def on_step_end(self, iteration, trials, **info):
+        now = self.clock()
+        if self.progressed is None:
+            self.progressed = self.last_table = now  # the first table once trials have had time to start
+        if now - self.last_check >= 2:
+            self.last_check = now
+            self.waiting = self.pending()
+            if not self.waiting:
+                self.progressed = now
+            elif now - self.progressed > self.timeout_s and self.timed_out is None:
+                self.timed_out = (f"for {self.timeout_s:.0f} s no trial progressed while "
+                                  f"{self.describe_wait(trials)}; the cluster did not grow to fit them")
+                self.interrupted = self.interrupt()
+        if now - self.last_log >= SUMMARY_EVERY_S:
+            self.log(trials, table=now - self.last_table >= TABLE_EVERY_S)
 
-            def on_step_end(self, iteration, trials, **info):
-                now = clock()
-                if self.progressed is None:
-                    self.progressed = self.last_table = now  # the first table once trials have had time to start
-                if now - self.last_check >= 2:
-                    self.last_check = now
-                    self.waiting = pending()
-                    if not self.waiting:
-                        self.progressed = now
-                    elif now - self.progressed > timeout_s and self.timed_out is None:
-                        self.timed_out = (f"for {timeout_s:.0f} s no trial progressed while "
-                                          f"{self.describe_wait(trials)}; the cluster did not grow to fit them")
-                        self.interrupted = interrupt()
-                if now - self.last_log >= SUMMARY_EVERY_S:
-                    self.log(trials, table=now - self.last_table >= TABLE_EVERY_S)
+    # Not on_trial_complete: Tune calls it before the trial's status says so.
+    def on_experiment_end(self, trials, **info):
+        self.log(trials, table=True)
 
-            # Not on_trial_complete: Tune calls it before the trial's status says so.
-            def on_experiment_end(self, trials, **info):
-                self.log(trials, table=True)
+    def describe_wait(self, trials) -> str:
+        import ray
 
-            def describe_wait(self, trials) -> str:
-                import ray
+        waiting = [t for t in trials if t.status == "RUNNING" and t.trial_id not in self.reported]
+        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        return (f"{len(waiting)} trial(s) wait for resources ({self.need} each; "
+                f"{len(self.waiting)} placement group(s) pending, e.g. {self.waiting[0]}; free now: {free})")
 
-                waiting = [t for t in trials if t.status == "RUNNING" and t.trial_id not in self.reported]
-                free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-                return (f"{len(waiting)} trial(s) wait for resources ({need} each; "
-                        f"{len(self.waiting)} placement group(s) pending, e.g. {self.waiting[0]}; free now: {free})")
-
-            def log(self, trials, table: bool = False):
-                self.last_log = clock()
-                statuses = [trial_status(t, epochs, self.reported) for t in trials]
-                best = f"{self.best[0]:.2f} ({self.best[1]})" if self.best else "-"
-                wait = ""
-                if self.waiting and "starting" in statuses:
-                    wait = f"; {self.describe_wait(trials)}"
-                log.info("trials: %d running, %d finished, %d stopped early, %d errored, %d pending; best epoch %s %s%s",
-                         statuses.count("running") + statuses.count("starting"), statuses.count("done"),
-                         statuses.count("stopped"), statuses.count("error"), statuses.count("pending"), metric,
-                         best, wait)
-                if table and trials:
-                    self.last_table = self.last_log
-                    log.info("\n%s", "\n".join(trial_table(trials, metric, epochs, self.reported)))
-
-        return _Progress()
+    def log(self, trials, table: bool = False):
+        self.last_log = self.clock()
+        statuses = [trial_status(t, self.epochs, self.reported) for t in trials]
+        best = f"{self.best[0]:.2f} ({self.best[1]})" if self.best else "-"
+        wait = ""
+        if self.waiting and "starting" in statuses:
+            wait = f"; {self.describe_wait(trials)}"
+        log.info("trials: %d running, %d finished, %d stopped early, %d errored, %d pending; best epoch %s %s%s",
+                 statuses.count("running") + statuses.count("starting"), statuses.count("done"),
+                 statuses.count("stopped"), statuses.count("error"), statuses.count("pending"), self.metric,
+                 best, wait)
+        if table and trials:
+            self.last_table = self.last_log
+            log.info("\n%s", "\n".join(trial_table(trials, self.metric, self.epochs, self.reported)))
 
 
-def resource_stopper(progress):
-    """A Tune stopper ending the whole sweep once ``progress`` saw trials wait too long for resources,
-    where Tune's graceful stop (:func:`stopping.interrupt_tune`) could not."""
-    from ray import tune
 
-    class _ResourceTimeout(tune.Stopper):
-        def __call__(self, trial_id, result):
-            return False
+class ResourceStopper(tune.Stopper):
+    """Ends the whole sweep once ``progress`` saw trials wait too long for resources, where Tune's
+    graceful stop (:func:`stopping.interrupt_tune`) could not."""
 
-        def stop_all(self):
-            return progress.timed_out is not None and not progress.interrupted
+    def __init__(self, progress: Progress):
+        self.progress = progress
 
-    return _ResourceTimeout()
+    def __call__(self, trial_id, result):
+        return False
+
+    def stop_all(self):
+        return self.progress.timed_out is not None and not self.progress.interrupted
 
 
 class ResourceTimeout(config_lib.ConfigError):

@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline import config as config_lib, tracking
+from pipeline import compat, config as config_lib, tracking
 from pipeline.storage import filesystem, is_uri, read_bytes, write_bytes
-from pipeline.sweep.progress import resource_stopper
+from pipeline.sweep.progress import ResourceStopper
 from pipeline.train import run as run_lib
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,8 @@ def fixed_cluster() -> dict[str, float] | None:
     """The resources of a Ray instance this process started itself (no autoscaler: it never grows);
     None for a cluster joined through its address, whose maximum size is not known here."""
     import ray
-    from ray._private import worker
 
-    return ray.cluster_resources() if getattr(worker._global_node, "head", False) else None
+    return ray.cluster_resources() if compat.started_ray_here() else None
 
 
 DEFAULT_VAL_FRACTION = 0.1
@@ -129,7 +128,7 @@ def run_config(base: dict[str, Any], name: str, storage: str, progress):
     from ray import tune
 
     return tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[progress],
-                          stop=resource_stopper(progress),
+                          stop=ResourceStopper(progress),
                           failure_config=tune.FailureConfig(max_failures=base["tune"]["max_failures"]))
 
 
@@ -143,7 +142,7 @@ def restore(sweep_dir: str, trainable, param_space: dict[str, Any], base: dict[s
 
     tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True, param_space=param_space)
     fresh = run_config(base, "", sweep_dir, progress)
-    restored = tuner._local_tuner.get_run_config()
+    restored = compat.restored_run_config(tuner)
     restored.callbacks, restored.stop, restored.failure_config = fresh.callbacks, fresh.stop, fresh.failure_config
     return tuner
 
@@ -238,7 +237,7 @@ def make_asha(mlflow_parent: tuple[str, str, str], state_file: str | None = None
 
         def on_trial_add(self, tune_controller, trial):
             self.read_state_once()
-            if trial.trial_id not in self._trial_info:  # a restored trial keeps its bracket
+            if not compat.asha_has_trial(self, trial.trial_id):  # a restored trial keeps its bracket
                 super().on_trial_add(tune_controller, trial)
 
         def on_trial_result(self, tune_controller, trial, result):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from pipeline import ROOT
+from pipeline import ROOT, compat
 
 log = logging.getLogger(__name__)
 
@@ -105,25 +105,14 @@ def dataset_digest(manifest: dict[str, Any]) -> str:
 def log_dataset(run_id: str, name: str, path: str, digest: str, profile: dict[str, Any]) -> None:
     """The prepared dataset as the run's MLflow input (the UI's Datasets column and lineage), with
     its split sizes as the profile. The run must be this process's active run."""
-    import json
-
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    class PreparedDatasetInput(MetaDataset):
-        @property
-        def profile(self) -> dict[str, Any]:
-            return profile
-
-        def to_dict(self) -> dict[str, str]:
-            return {**super().to_dict(), "profile": json.dumps(profile)}
 
     assert mlflow.active_run() and mlflow.active_run().info.run_id == run_id
     with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns it matched both
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
         source = resolve_dataset_source(path)
-    mlflow.log_input(PreparedDatasetInput(source, name=name, digest=digest), context="training")
+    mlflow.log_input(compat.dataset_input_with_profile(source, name, digest, profile), context="training")
 
 
 STOP_TAGS = frozenset({"end_reason", "continue_with"})

@@ -6,21 +6,18 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 
 from pipeline import config as config_lib, ray_worker, stopping, storage, tracking
 from pipeline.data import val_split
-from pipeline.tracking import console as progress, system_metrics
+from pipeline.tracking import console as progress, outage, system_metrics
 from pipeline.train import checkpoint, teachers
 from pipeline.data.dataset import PreparedDataset
 
@@ -222,6 +219,8 @@ def train(
     (a trial passes ``False``: its sweep's driver has verified it). ``resume_run_id``: the MLflow run of
     this run's earlier attempt (a restarted Tune trial), continued rather than a second one started.
     """
+    from pipeline.tracking.epoch_logger import UNLOGGED_FILE, EpochLogger  # imports ray.train
+
     config = config_lib.validate(config)
     phases = Phases()
     called = time.perf_counter()
@@ -241,80 +240,110 @@ def train(
             teacher = share_teacher(*fetched)
     run_name = config_lib.new_run_name(config, teacher.spec["name"] if teacher else None)
     uri = tracking.tracking_uri(config)
-    tags = {"method": config["method"]["name"], "student": config["model"]["student"], "dataset": info["path"],
-            "seed": str(config["train"]["seed"]), "workers": str(config["train"]["workers"]),
-            "train_rows": str(info["train_rows"]), "val_rows": str(info["val_rows"]), **(extra_tags or {})}
     run_dir = f"{storage_dir(config)}/{run_name}"  # Ray Train's folder for this run
-    if parent_run_id is None:  # what the same command, naming this run, finds it by (earlier_attempt)
-        tags[RUN_KEY_TAG] = run_dir
-    if teacher is not None:
-        tags.update({"teacher_uri": teacher.uri, "teacher_model": teacher.spec["name"],
-                     "teacher_object_id": teacher.ref.hex()})
-        if teacher.accuracy is not None:
-            tags["teacher_test_top1"] = f"{teacher.accuracy:.{teachers.ACCURACY_DIGITS}f}"
+    tags = run_tags(config, info, teacher, run_dir if parent_run_id is None else None, extra_tags)
     start = time.perf_counter()
     params = config_lib.flatten(config) if not resume_run_id else {}  # a reopened run has them already
     with tracking.tracked_run(uri, config["mlflow"]["experiment"], run_name, params, tags,
                               parent_run_id, resume_run_id) as run_id:
-        if teacher is not None and teacher.accuracy is not None and not resume_run_id:
-            tracking.log_metrics(uri, run_id, {"teacher/test_top1": teacher.accuracy}, step=0)
-        tracking.log_dataset(run_id, info["name"], info["path"], info["digest"], {
-            "train_rows": info["train_rows"], "val_rows": info["val_rows"], "test_rows": info["test_rows"],
-            "val_fraction": config["data"]["val_fraction"], "val_seed": config["data"]["val_seed"],
-            "num_classes": info["num_classes"], "image_shape": info["image_shape"]})
+        log_inputs(uri, run_id, config, info, teacher, resumed=bool(resume_run_id))
         # The run's id and store reach the workers, whose local rank 0 logs its node's hardware use into the run.
         loop_context = {"config": config, "dataset_info": info, "teacher_ref": teacher.ref if teacher else None,
-                        "mlflow_run_id": run_id, "tracking_uri": uri, "system_metrics": system_metrics.settings()}
+                        "mlflow_run_id": run_id, "tracking_uri": uri, "system_metrics": system_metrics.settings(),
+                        "stop_file": f"{run_dir}/{stopping.STOP_FILE}"}
         log.info("run %s: %s %s on %s with %d worker(s)", run_name, config["method"]["name"],
                  config["model"]["student"], info["path"], config["train"]["workers"])
-        from pipeline.tracking.epoch_logger import UNLOGGED_FILE, EpochLogger
-
         phases.add("mlflow_start", time.perf_counter() - start)
         epoch_logger = EpochLogger(uri, run_id)
         if resume_run_id:  # epochs the earlier attempt logged after its last checkpoint are trained again
-            epoch_logger.logged.update(logged_epochs(uri, run_id))
-        stop_file = f"{run_dir}/{stopping.STOP_FILE}"
-        storage.delete(stop_file)  # an earlier attempt's request is not this one's
-        loop_context["stop_file"] = stop_file
+            epoch_logger.logged.update(outage.logged_epochs(uri, run_id))
         continue_with = stopping.continue_command(override=f"train.run_name={run_name}")
-        with phases.time("fit"), progress.epoch_lines(run_name, config["optim"]["epochs"]) as shown:
-            callbacks = [epoch_logger, *shown, *(callbacks or [])]
-            trainer = make_trainer(config, loop_context, run_name, callbacks)
-            try:
-                result = stopping.run_stoppable(trainer.fit, lambda _: stopping.request_stop(stop_file),
-                                                config["train"]["stop_grace_s"])
-            except stopping.Stopped as e:
-                e.continue_with = continue_with
-                raise
+        with phases.time("fit"):
+            result = fit(config, loop_context, run_name, [epoch_logger, *(callbacks or [])], continue_with)
         wall = time.perf_counter() - start
         with result.checkpoint.as_directory() as directory:
             state = checkpoint.load(directory)
-            unlogged = read_json(Path(directory) / UNLOGGED_FILE) or {"epochs": []}
+            unlogged = outage.read_json(Path(directory) / UNLOGGED_FILE) or {"epochs": []}
         if state.get("stopped"):
             stopped_early(uri, run_id, state, unlogged["epochs"], config["optim"]["epochs"], result.checkpoint.path,
                           continue_with)
-        selection = state["selection"]
-        outcome = Outcome(run_id=run_id, run_name=run_name, selected_epoch=selection["epoch"],
-                          selected_top1=selection["test_top1"], last_top1=state["history"][-1]["test/top1"],
-                          val_top1=selection["val_top1"] if info["val_keys"] is not None else None,
-                          ece_selected=selection.get("test_ece", float("nan")),  # absent in older checkpoints
-                          wall_time_s=wall, checkpoint_path=result.checkpoint.path, history=state["history"])
+        outcome = outcome_of(state, info, run_id, run_name, wall, result.checkpoint.path)
         log.info("run %s trained: checkpoint %s", run_name, outcome.checkpoint_path)
-        record = {"tracking_uri": uri, "run_id": run_id, "run_name": run_name, "config": config,
-                  "image_shape": info["image_shape"], "final_metrics": outcome.final_metrics(),
-                  "final_step": len(state["history"]), "final_timestamp_ms": int(time.time() * 1000),
-                  "tags": {"selected_epoch": selection["epoch"],
-                           "selected_by": "val/top1" if outcome.val_top1 is not None else "last epoch"},
-                  "unlogged_epochs": unlogged["epochs"],
-                  "pending": [s for s in LOG_STEPS if s != "epochs" or unlogged["epochs"]]}
+        record = end_record(uri, run_id, run_name, config, info, outcome, state, unlogged["epochs"])
         with phases.time("finish"):
-            outcome.model_uri = finish_logging(record, state, config["mlflow"]["outage_wait_s"],
-                                               result.checkpoint.filesystem, result.checkpoint.path)
+            outcome.model_uri = outage.finish_logging(record, state, config["mlflow"]["outage_wait_s"],
+                                                      result.checkpoint.filesystem, result.checkpoint.path)
         ending = time.perf_counter()
     phases.add("mlflow_end", time.perf_counter() - ending)
     phases.add("total", time.perf_counter() - called)
     outcome.phases = phases
     return outcome
+
+
+def run_tags(config: dict[str, Any], info: dict[str, Any], teacher: Teacher | None, run_key: str | None,
+             extra_tags: dict[str, str] | None) -> dict[str, str]:
+    """The run's MLflow tags. ``run_key``: what the same command, naming this run, finds it by
+    (:func:`earlier_attempt`); None for a sweep's trial, which its sweep finds."""
+    tags = {"method": config["method"]["name"], "student": config["model"]["student"], "dataset": info["path"],
+            "seed": str(config["train"]["seed"]), "workers": str(config["train"]["workers"]),
+            "train_rows": str(info["train_rows"]), "val_rows": str(info["val_rows"]), **(extra_tags or {})}
+    if run_key is not None:
+        tags[RUN_KEY_TAG] = run_key
+    if teacher is not None:
+        tags.update({"teacher_uri": teacher.uri, "teacher_model": teacher.spec["name"],
+                     "teacher_object_id": teacher.ref.hex()})
+        if teacher.accuracy is not None:
+            tags["teacher_test_top1"] = f"{teacher.accuracy:.{teachers.ACCURACY_DIGITS}f}"
+    return tags
+
+
+def log_inputs(uri: str, run_id: str, config: dict[str, Any], info: dict[str, Any], teacher: Teacher | None,
+               resumed: bool) -> None:
+    """The dataset as the run's MLflow input and, once, the teacher's accuracy."""
+    if teacher is not None and teacher.accuracy is not None and not resumed:
+        tracking.log_metrics(uri, run_id, {"teacher/test_top1": teacher.accuracy}, step=0)
+    tracking.log_dataset(run_id, info["name"], info["path"], info["digest"], {
+        "train_rows": info["train_rows"], "val_rows": info["val_rows"], "test_rows": info["test_rows"],
+        "val_fraction": config["data"]["val_fraction"], "val_seed": config["data"]["val_seed"],
+        "num_classes": info["num_classes"], "image_shape": info["image_shape"]})
+
+
+def fit(config: dict[str, Any], loop_context: dict[str, Any], run_name: str, callbacks: list, continue_with: str):
+    """Ray Train's fit of the run, the epoch lines on the console, stopped cleanly on a signal
+    (:class:`stopping.Stopped` carries the command that continues it)."""
+    stop_file = loop_context["stop_file"]
+    storage.delete(stop_file)  # an earlier attempt's request is not this one's
+    with progress.epoch_lines(run_name, config["optim"]["epochs"]) as shown:
+        trainer = make_trainer(config, loop_context, run_name, [callbacks[0], *shown, *callbacks[1:]])
+        try:
+            return stopping.run_stoppable(trainer.fit, lambda _: stopping.request_stop(stop_file),
+                                          config["train"]["stop_grace_s"])
+        except stopping.Stopped as e:
+            e.continue_with = continue_with
+            raise
+
+
+def outcome_of(state: dict[str, Any], info: dict[str, Any], run_id: str, run_name: str, wall: float,
+               checkpoint_path: str) -> Outcome:
+    selection = state["selection"]
+    return Outcome(run_id=run_id, run_name=run_name, selected_epoch=selection["epoch"],
+                   selected_top1=selection["test_top1"], last_top1=state["history"][-1]["test/top1"],
+                   val_top1=selection["val_top1"] if info["val_keys"] is not None else None,
+                   ece_selected=selection.get("test_ece", float("nan")),  # absent in older checkpoints
+                   wall_time_s=wall, checkpoint_path=checkpoint_path, history=state["history"])
+
+
+def end_record(uri: str, run_id: str, run_name: str, config: dict[str, Any], info: dict[str, Any],
+               outcome: Outcome, state: dict[str, Any], unlogged: list[int]) -> dict[str, Any]:
+    """What the end of the run logs (:func:`pipeline.tracking.outage.finish_logging`), kept beside the final
+    checkpoint until it is logged."""
+    return {"tracking_uri": uri, "run_id": run_id, "run_name": run_name, "config": config,
+            "image_shape": info["image_shape"], "final_metrics": outcome.final_metrics(),
+            "final_step": len(state["history"]), "final_timestamp_ms": int(time.time() * 1000),
+            "tags": {"selected_epoch": outcome.selected_epoch,
+                     "selected_by": "val/top1" if outcome.val_top1 is not None else "last epoch"},
+            "unlogged_epochs": unlogged,
+            "pending": [s for s in outage.LOG_STEPS if s != "epochs" or unlogged]}
 
 
 RUN_KEY_TAG = "run_key"  # storage/run_name of a named run: the same command finds and reopens its run
@@ -350,163 +379,9 @@ def stopped_early(uri: str, run_id: str, state: dict[str, Any], unlogged: list[i
                   checkpoint_path: str, continue_with: str) -> None:
     """The workers stopped on request and checkpointed: log what the controller could not, then end
     the run KILLED (:class:`stopping.Stopped`, raised here) with the command that continues it."""
-    log_unlogged_epochs(uri, run_id, state["history"], unlogged)
+    outage.log_unlogged_epochs(uri, run_id, state["history"], unlogged)
     done = state["epoch"] + 1
     raise stopping.Stopped(stopping.signals.requested or signal.SIGTERM,
                            f"after epoch {done} of {epochs} (checkpoint {checkpoint_path})", continue_with)
 
-
-def log_unlogged_epochs(uri: str, run_id: str, history: list[dict[str, float]], unlogged: list[int]) -> None:
-    """Log from the checkpoint's history the epochs the controller could not, unless the run has them."""
-    by_epoch = {int(h["epoch"]): h for h in history}
-    have = logged_epochs(uri, run_id)
-    for epoch in unlogged:
-        if epoch not in have and epoch in by_epoch:
-            tracking.log_metrics(uri, run_id, {k: v for k, v in by_epoch[epoch].items() if k != "epoch"}, epoch)
-
-
-def logged_epochs(uri: str, run_id: str) -> set[int]:
-    return {m.step for m in tracking.client(uri).get_metric_history(run_id, "loss/total")}  # every epoch logs it
-
-
-# What the end of a run logs, in this order; a step done is not done again (``stkd log-run``).
-LOG_STEPS = ("epochs", "final", "artifacts", "status")
-RUN_FILE = "mlflow_run.json"  # beside the final checkpoint: what ``stkd log-run`` needs, and what is still pending
-
-
-def finish_logging(record: dict[str, Any], state: dict[str, Any], wait_s: float, filesystem, path: str) -> str | None:
-    """Log the end of a run (the epochs the controller could not log, final metrics and tags, artifacts
-    and model, status FINISHED), waiting up to ``wait_s`` for a tracking server that is away.
-
-    ``record`` (written beside the checkpoint at ``path`` before the first step and after the last)
-    says which steps are pending. Returns the model URI when this call logged the model. Raises
-    :class:`tracking.TrackingIncomplete` saying what was not logged and how to log it later.
-    """
-    uri, run_id = record["tracking_uri"], record["run_id"]
-    deadline = time.monotonic() + wait_s
-    write_json(filesystem, f"{path}/{RUN_FILE}", record)
-    model_uri = None
-    for step in list(record["pending"]):
-        try:
-            done = tracking.when_reachable(uri, describe_step(step, record), lambda: log_step(step, record, state),
-                                           deadline)
-        except tracking.TrackingUnavailable as e:
-            write_json(filesystem, f"{path}/{RUN_FILE}", record)
-            missing = "; ".join(describe_step(s, record) for s in record["pending"])
-            raise tracking.TrackingIncomplete(
-                f"the model is trained, but MLflow at {uri} did not answer for {wait_s:.0f} s "
-                f"(mlflow.outage_wait_s). Not logged to run {run_id} ({record['run_name']}): {missing}.\n"
-                f"  last error: {tracking.first_line(e.__cause__ or e)}\n"
-                f"  checkpoint: {path}\n"
-                f"  log it once the server answers: stkd log-run {path}") from None
-        record["pending"].remove(step)
-        if step == "artifacts":
-            model_uri = done
-    write_json(filesystem, f"{path}/{RUN_FILE}", record)
-    return model_uri
-
-
-def log_step(step: str, record: dict[str, Any], state: dict[str, Any]) -> str | None:
-    import mlflow
-
-    uri, run_id = record["tracking_uri"], record["run_id"]
-    c = tracking.client(uri)
-    if step == "epochs":
-        log_unlogged_epochs(uri, run_id, state["history"], record["unlogged_epochs"])
-    elif step == "final":
-        tracking.log_metrics(uri, run_id, record["final_metrics"], step=record["final_step"],
-                             timestamp_ms=record["final_timestamp_ms"])
-        tracking.set_tags(uri, run_id, record["tags"])
-    elif step == "artifacts":
-        active = mlflow.active_run()
-        if active is None or active.info.run_id != run_id:  # `stkd log-run`: reopen the run in this process
-            mlflow.start_run(run_id=run_id)
-        return log_artifacts(record["config"], state, record["run_name"], record["image_shape"])
-    elif step == "status":
-        c.set_terminated(run_id, "FINISHED")
-    return None
-
-
-def describe_step(step: str, record: dict[str, Any]) -> str:
-    if step == "epochs":
-        return f"the metrics of epochs (steps) {compact(record['unlogged_epochs'])}"
-    if step == "final":
-        return f"the final metrics ({', '.join(record['final_metrics'])}) and tags ({', '.join(record['tags'])})"
-    if step == "artifacts":
-        name = record["config"]["mlflow"]["register_as"]
-        return "recipe.yaml, learning_curve.png and the model" + (f" (to be registered as {name})" if name else "")
-    return "the status FINISHED"
-
-
-def compact(steps: list[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``0-2, 5, 7-8``."""
-    runs: list[list[int]] = []
-    for s in sorted(steps):
-        if runs and s == runs[-1][1] + 1:
-            runs[-1][1] = s
-        else:
-            runs.append([s, s])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
-
-
-def log_later(path: str, wait_s: float) -> tuple[dict[str, Any], list[str], str | None]:
-    """``stkd log-run``: log into the same MLflow run what a run could not log (its checkpoint's
-    ``mlflow_run.json`` says what), from the checkpoint. Returns the record, what was logged now, and
-    the model URI if the model was."""
-    import mlflow
-    from ray.train import Checkpoint
-
-    ckpt = Checkpoint(storage.absolute(path))
-    with ckpt.as_directory() as directory:
-        record = read_json(Path(directory) / RUN_FILE)
-        if record is None:
-            raise checkpoint.CheckpointError(
-                f"{path} has no {RUN_FILE}: give the final checkpoint of a `stkd teacher`/`stkd distill` run "
-                "(the path its message printed)")
-        state = checkpoint.load(directory)
-    logged = [describe_step(s, record) for s in record["pending"]]
-    if not logged:
-        return record, [], None
-    tracking.client(record["tracking_uri"])
-    try:
-        model_uri = finish_logging(record, state, wait_s, ckpt.filesystem, ckpt.path)
-    finally:
-        if mlflow.active_run() is not None:  # opened (status RUNNING) by the artifacts step
-            status = "FAILED" if record["pending"] else "FINISHED"
-            tracking.unless_away(record["tracking_uri"], f"the run's status {status}", lambda: mlflow.end_run(status))
-    return record, logged, model_uri
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_json(filesystem, path: str, data: dict[str, Any]) -> None:
-    with filesystem.open_output_stream(path) as f:
-        f.write(json.dumps(data, indent=1, default=str).encode())
-
-
-def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, image_shape: list[int]) -> str:
-    """The resolved recipe, the learning curve and the final student (an MLflow PyTorch model)."""
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        recipe = tmp / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump(config, sort_keys=False))
-        mlflow.log_artifact(str(recipe))
-        curve = tracking.learning_curve(state["history"], tmp / "learning_curve.png",
-                                        f"{run_name}: {config['method']['name']} {config['model']['student']}")
-        mlflow.log_artifact(str(curve))
-        # The selected epoch's student, not necessarily the last one.
-        selected = state["selection"]
-        info = tracking.log_model({"model": state["model"], "student": selected["student"],
-                                   "selected_epoch": selected["epoch"], "test_top1": selected["test_top1"]},
-                                  image_shape, config["mlflow"]["register_as"])
-        if info.registered_model_version is not None:  # its accuracy on the version; `champion` if it is the best
-            manifest = PreparedDataset.open(config["data"]["path"], verify=False).manifest
-            teachers.record_version(config["mlflow"]["register_as"], info.registered_model_version,
-                                         selected["test_top1"],
-                                         {teachers.DATA_TAG: tracking.dataset_digest(manifest)})
-    return info.model_uri
 

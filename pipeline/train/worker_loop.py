@@ -12,6 +12,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,7 @@ def make_generators(device: torch.device, seed: int, rank: int) -> dict[str, tor
             for stream, name in enumerate(GENERATOR_STREAMS)}
 
 
-class Step:
+class InputTransform:
     """Turns a uint8 NHWC batch into a normalized, augmented float batch on the device.
 
     What it needs per batch already lives there: the normalization constants, made once, and the
@@ -108,7 +109,7 @@ class Step:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], info: dict[str, Any], generator: torch.Generator,
-                    channels_last: bool) -> "Step":
+                    channels_last: bool) -> "InputTransform":
         return cls(info["mean"], info["std"], config["data"]["crop_padding"], config["data"]["flip"], channels_last,
                    generator)
 
@@ -145,11 +146,11 @@ class EpochSums:
         return all_reduce_sum(torch.cat([self.values, seen])).tolist()
 
 
-def train_batch(method: methods.Method, optimizer: torch.optim.Optimizer, step: Step, images: torch.Tensor,
-                labels: torch.Tensor, amp: precision.Precision, sums: EpochSums) -> None:
+def train_batch(method: methods.Method, optimizer: torch.optim.Optimizer, transform: InputTransform,
+                images: torch.Tensor, labels: torch.Tensor, amp: precision.Precision, sums: EpochSums) -> None:
     """One training step on a uint8 batch already on the device, counted into ``sums``; nothing in it
     waits for the device (``tests/test_gpu_ready.py`` checks this on CUDA)."""
-    x = step.train_input(images)
+    x = transform.train_input(images)
     if amp.scaler is None:
         logits, terms = train_step(method, optimizer, x, labels, amp.autocast)
         skipped = None
@@ -262,7 +263,7 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
             dist.broadcast(buffer.data, src=0)
 
 
-def evaluate(model: torch.nn.Module, feed, step: Step, split: str = "test") -> dict[str, float]:
+def evaluate(model: torch.nn.Module, feed, transform: InputTransform, split: str = "test") -> dict[str, float]:
     """Top-1/top-5, expected calibration error (15 bins, a fraction) and NLL over a whole split: per-worker
     sums added across workers, so the result equals a single-process evaluation of rank 0's model. Call
     ``broadcast_buffers`` first. In fp32 whatever precision training uses, as teachers are
@@ -274,7 +275,7 @@ def evaluate(model: torch.nn.Module, feed, step: Step, split: str = "test") -> d
     seen = 0  # on the host: a tensor made from it per batch would be a host-to-device copy each time
     with torch.inference_mode():
         for images, labels in feed.batches(0):
-            logits = eval_logits(model, step.eval_input(images))
+            logits = eval_logits(model, transform.eval_input(images))
             k = min(5, logits.shape[1])
             topk = logits.topk(k, dim=1).indices
             hits = topk == labels[:, None]
@@ -326,17 +327,39 @@ class Selection:
                 "test_ece": self.test_ece, "student": weights}
 
 
-def train_loop_per_worker(ctx: dict[str, Any]) -> None:
-    """Ray Train entry point. ``ctx``: config, dataset info, teacher ObjectRef."""
+@dataclass
+class Worker:
+    """One worker's share of a run: what its set-up built, and the run's state that checkpoints carry."""
+
+    config: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    spec: dict[str, Any]
+    student: torch.nn.Module  # the module without DDP or compile wrappers: evaluation and checkpoints use it
+    method: methods.Method
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    transform: InputTransform
+    amp: precision.Precision
+    generators: dict[str, torch.Generator]
+    hardware: dict[str, str]  # reported once, as tags
+    feeds: tuple  # train, val (None without a validation split), test
+    selection: Selection
+    history: list[dict[str, float]]
+    start_epoch: int
+    setup_time_s: float
+
+
+def set_up(ctx: dict[str, Any], rank: int, world: int) -> Worker:
+    """The student, the teacher, the method, the optimiser and the feeds of this worker, resumed from the
+    run's checkpoint when there is one."""
     import ray.train
     import ray.train.torch
 
     setup_start = time.perf_counter()
     config, info = ctx["config"], ctx["dataset_info"]
     train_cfg, optim_cfg = config["train"], config["optim"]
-    context = ray.train.get_context()
-    monitor = system_metrics.start_in_worker(ctx, context.get_local_rank())  # one per node: its CPU, memory, GPUs
-    rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     seed = train_cfg["seed"]
 
@@ -345,18 +368,12 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     precision_name = precision.resolve_for_device(train_cfg["precision"], device)
     channels_last = precision.resolve_channels_last(train_cfg["channels_last"], device.type, precision_name)
     sync_bn = resolve_sync_bn(train_cfg["sync_bn"], device, world, per_worker_batch(optim_cfg["batch_size"], world))
-    student = build_student(spec, device, channels_last, sync_bn)
-    raw_student = student
-    student = ray.train.torch.prepare_model(student, move_to_device=False, parallel_strategy_kwargs=ddp_kwargs(sync_bn))
+    raw_student = build_student(spec, device, channels_last, sync_bn)
+    student = ray.train.torch.prepare_model(raw_student, move_to_device=False,
+                                            parallel_strategy_kwargs=ddp_kwargs(sync_bn))
     if train_cfg["compile"]:
         student = torch.compile(student)
-
-    teacher = None
-    if ctx.get("teacher_ref") is not None:
-        shared = ray.get(ctx["teacher_ref"])
-        teacher = teacher_store.build(shared["spec"], shared["arrays"], device)
-        if channels_last:
-            teacher = teacher.to(memory_format=torch.channels_last)
+    teacher = shared_teacher(ctx.get("teacher_ref"), device, channels_last)
 
     hparams = {k: v for k, v in config["method"].items() if k != "name"}
     generators = make_generators(device, seed, rank)
@@ -364,7 +381,6 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
                                 weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"])
     scheduler = make_scheduler(optimizer, optim_cfg)
-    step = Step.from_config(config, info, generators["augment"], channels_last)
     amp = precision.Precision.create(precision_name, device.type)
     hardware = {"hardware.precision": precision_name, "hardware.memory_format":
                 "channels_last" if channels_last else "contiguous", "hardware.device": precision.device_description(device)}
@@ -379,69 +395,106 @@ def train_loop_per_worker(ctx: dict[str, Any]) -> None:
         start_epoch, history, selection_state = state["epoch"] + 1, state["history"], state["selection"]
         log.info("rank %d resumed from epoch %d", rank, state["epoch"])
 
-    train_feed, val_feed, test_feed = make_feeds(config, info, rank, world, device)
-    selection = Selection(val_feed is not None, selection_state)
-    epochs = optim_cfg["epochs"]
-    setup_time = time.perf_counter() - setup_start
+    feeds = make_feeds(config, info, rank, world, device)
+    return Worker(config, rank, world, device, spec, raw_student, method, optimizer, scheduler,
+                  InputTransform.from_config(config, info, generators["augment"], channels_last), amp, generators,
+                  hardware, feeds, Selection(feeds[1] is not None, selection_state), history, start_epoch,
+                  time.perf_counter() - setup_start)
 
-    for epoch in range(start_epoch, epochs):
-        method.set_epoch(epoch)
-        method.train()
-        lr = optimizer.param_groups[0]["lr"]
-        sums = EpochSums(method.term_names(), device)
-        start = time.perf_counter()
-        # Every worker takes the same steps (pipeline.data.feeds), so no DDP join, whose shadow all-reduces
-        # cannot stand in for SyncBatchNorm's collectives (a worker out of data would hang the others).
-        for images, labels in train_feed.batches(epoch):
-            train_batch(method, optimizer, step, images, labels, amp, sums)
-        scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_time = time.perf_counter() - start
 
-        names = sums.names
-        totals = sums.totals()
-        total_seen = totals[-1]
-        metrics = {f"loss/{k}": totals[i] / total_seen for i, k in enumerate(names)}
-        metrics["loss/total"] = sum(metrics.values())
-        metrics.update({"train/acc": 100 * totals[-2] / total_seen, "lr": lr, "epoch_time_s": train_time,
-                        "images_per_s": total_seen / train_time, "epoch": epoch})
-        if amp.scaler is not None:
-            metrics["fp16/skipped_steps"] = totals[-3]  # summed over workers: inf/nan gradients, step skipped
-            metrics["fp16/loss_scale"] = amp.scaler.get_scale()
+def shared_teacher(teacher_ref, device: torch.device, channels_last: bool) -> torch.nn.Module | None:
+    """The teacher from the one copy in Ray's object store (None for a CE student)."""
+    import ray
+
+    if teacher_ref is None:
+        return None
+    shared = ray.get(teacher_ref)
+    teacher = teacher_store.build(shared["spec"], shared["arrays"], device)
+    return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
+
+
+def train_epoch(w: Worker, epoch: int) -> dict[str, float]:
+    """One epoch over this worker's shard; the epoch's metrics, summed over every worker."""
+    w.method.set_epoch(epoch)
+    w.method.train()
+    lr = w.optimizer.param_groups[0]["lr"]
+    sums = EpochSums(w.method.term_names(), w.device)
+    start = time.perf_counter()
+    # Every worker takes the same steps (pipeline.data.feeds), so no DDP join, whose shadow all-reduces
+    # cannot stand in for SyncBatchNorm's collectives (a worker out of data would hang the others).
+    for images, labels in w.feeds[0].batches(epoch):
+        train_batch(w.method, w.optimizer, w.transform, images, labels, w.amp, sums)
+    w.scheduler.step()
+    if w.device.type == "cuda":
+        torch.cuda.synchronize()
+    train_time = time.perf_counter() - start
+
+    totals = sums.totals()
+    total_seen = totals[-1]
+    metrics = {f"loss/{k}": totals[i] / total_seen for i, k in enumerate(sums.names)}
+    metrics["loss/total"] = sum(metrics.values())
+    metrics.update({"train/acc": 100 * totals[-2] / total_seen, "lr": lr, "epoch_time_s": train_time,
+                    "images_per_s": total_seen / train_time, "epoch": epoch})
+    if w.amp.scaler is not None:
+        metrics["fp16/skipped_steps"] = totals[-3]  # summed over workers: inf/nan gradients, step skipped
+        metrics["fp16/loss_scale"] = w.amp.scaler.get_scale()
+    return metrics
+
+
+def evaluate_epoch(w: Worker, epoch: int) -> dict[str, float]:
+    """Validation and test metrics of this epoch, and the selection they update."""
+    start = time.perf_counter()
+    _, val_feed, test_feed = w.feeds
+    broadcast_buffers(w.student)
+    metrics: dict[str, float] = {}
+    if val_feed is not None:
+        metrics.update(evaluate(w.student, val_feed, w.transform, "val"))
+    metrics.update(evaluate(w.student, test_feed, w.transform, "test"))
+    w.selection.update(epoch, metrics, w.student, w.rank)
+    metrics["eval_time_s"] = time.perf_counter() - start
+    return metrics
+
+
+def checkpoint_state(w: Worker, epoch: int, stopped: bool) -> dict[str, Any]:
+    """Everything a resumed run needs to go on as if it had not stopped."""
+    return {"model": w.spec, "student": w.student.state_dict(), "optimizer": w.optimizer.state_dict(),
+            "scheduler": w.scheduler.state_dict(), "epoch": epoch, "history": w.history,
+            "scaler": w.amp.scaler.state_dict() if w.amp.scaler is not None else None,
+            "selection": w.selection.state(w.student),
+            "rng": gather_rng_states(w.generators, w.world, w.device), "config_name": w.config["name"],
+            "stopped": stopped}
+
+
+def train_loop_per_worker(ctx: dict[str, Any]) -> None:
+    """Ray Train entry point. ``ctx``: config, dataset info, teacher ObjectRef."""
+    import ray.train
+
+    context = ray.train.get_context()
+    monitor = system_metrics.start_in_worker(ctx, context.get_local_rank())  # one per node: its CPU, memory, GPUs
+    w = set_up(ctx, context.get_world_rank(), context.get_world_size())
+    epochs, every = w.config["optim"]["epochs"], w.config["train"]["checkpoint_every"]
+    for epoch in range(w.start_epoch, epochs):
+        metrics = train_epoch(w, epoch)
         last = epoch == epochs - 1
-        if (epoch + 1) % config["data"]["eval_every"] == 0 or last:
-            eval_start = time.perf_counter()
-            broadcast_buffers(raw_student)
-            if val_feed is not None:
-                metrics.update(evaluate(raw_student, val_feed, step, "val"))
-            metrics.update(evaluate(raw_student, test_feed, step, "test"))
-            selection.update(epoch, metrics, raw_student, rank)
-            metrics["eval_time_s"] = time.perf_counter() - eval_start
-        metrics.update(selection.metrics())
-        if epoch == start_epoch:
-            metrics["setup_time_s"] = setup_time  # model, teacher and data on the worker, once per run
-        history.append(dict(metrics))
-        report = {**metrics, **hardware} if epoch == start_epoch else metrics  # strings: tags (epoch_logger)
+        if (epoch + 1) % w.config["data"]["eval_every"] == 0 or last:
+            metrics.update(evaluate_epoch(w, epoch))
+        metrics.update(w.selection.metrics())
+        if epoch == w.start_epoch:
+            metrics["setup_time_s"] = w.setup_time_s  # model, teacher and data on the worker, once per run
+        w.history.append(dict(metrics))
+        report = {**metrics, **w.hardware} if epoch == w.start_epoch else metrics  # strings: tags (epoch_logger)
 
-        stop = not last and stop_asked(ctx.get("stop_file"), device)
-        if (epoch + 1) % train_cfg["checkpoint_every"] == 0 or last or stop:
-            report_with_checkpoint(report, {
-                "model": spec, "student": raw_student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
-                "selection": selection.state(raw_student),
-                "rng": gather_rng_states(generators, world, device), "config_name": config["name"],
-                "stopped": stop,
-            }, rank)
+        stop = not last and stop_asked(ctx.get("stop_file"), w.device)
+        if (epoch + 1) % every == 0 or last or stop:
+            report_with_checkpoint(report, checkpoint_state(w, epoch, stop), w.rank)
         else:
             ray.train.report(report)
         if stop:
-            log.info("rank %d: stopped after epoch %d on the driver's request", rank, epoch)
+            log.info("rank %d: stopped after epoch %d on the driver's request", w.rank, epoch)
             break
-        if rank == 0:  # the driver prints each epoch (pipeline.tracking.console); this is for the worker's log file
+        if w.rank == 0:  # the driver prints each epoch (pipeline.tracking.console); this is for the worker's log file
             log.debug("epoch %d/%d %s", epoch + 1, epochs,
-                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
     system_metrics.stop(monitor)
 
 
