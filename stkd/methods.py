@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stkd import features
+from stkd.feature_losses import attention_transfer
 from stkd.losses import dkd_loss, kd_loss, mixed_cross_entropy, soft_target_loss, standardize
 from stkd.mixup import mix
 
@@ -27,6 +29,7 @@ class Method(nn.Module):
     terms: tuple[str, ...] = ("ce",)
     weight_names: tuple[str, ...] = ()
     needs_teacher = True
+    needs_architectures = False  # feature-based methods tap named stages of both models (stkd.features)
 
     def __init__(
         self,
@@ -53,6 +56,10 @@ class Method(nn.Module):
         if self.teacher is not None:
             self.teacher.eval()
         return self
+
+    @classmethod
+    def check_architectures(cls, student_name: str, teacher_name: str | None) -> None:
+        """ValueError when this method cannot pair these two zoo models (a feature-based method's stages)."""
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the method the current epoch (0-based); used by schedules such as DKD's warm-up."""
@@ -237,7 +244,57 @@ class STKD(Method):
         return lam * hits_a + (1.0 - lam) * (pred == y.index_select(0, perm)).sum().float()
 
 
-REGISTRY: dict[str, type[Method]] = {"ce": CE, "kd": KD, "dkd": DKD, "stkd": STKD}
+class AT(Method):
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) as RepDistiller trains it:
+    ``ce_weight * CE + at_weight * sum over stages of AT(student stage, teacher stage)``, with
+    RepDistiller's weights (CE 1, beta 1000, no KD term) and its stages, ``feat[1:-1]`` of ``is_feat``:
+    every stage output :mod:`stkd.features` lists, except VGG's ``block0`` (its ``f0``, where the other
+    families' ``f0`` is their stem). Student and teacher stages pair one to one, shallow to deep.
+
+    Built with ``architectures=(student_name, teacher_name)`` (zoo names) and, when ``student`` is a
+    DDP or compiled wrapper, ``unwrapped_student``: the hooks sit on the module itself.
+    """
+
+    defaults = {"ce_weight": 1.0, "at_weight": 1000.0}
+    terms = ("ce", "at")
+    weight_names = ("ce_weight", "at_weight")
+    needs_architectures = True
+
+    def __init__(self, student, teacher=None, generator=None, *, architectures: tuple[str, str],
+                 unwrapped_student: nn.Module | None = None, **hparams):
+        super().__init__(student, teacher, generator, **hparams)
+        student_name, teacher_name = architectures
+        self.check_architectures(student_name, teacher_name)
+        self.student_stages, self.teacher_stages = attention_stages(student_name), attention_stages(teacher_name)
+        self.student_taps = features.FeatureTaps(unwrapped_student or student, student_name, self.student_stages)
+        self.teacher_taps = features.FeatureTaps(teacher, teacher_name, self.teacher_stages)
+
+    @classmethod
+    def check_architectures(cls, student_name: str, teacher_name: str | None) -> None:
+        s, t = attention_stages(student_name), attention_stages(teacher_name or "")
+        if len(s) != len(t):
+            raise ValueError(f"method 'at' pairs stages one to one: {student_name} has {len(s)} ({', '.join(s)}), "
+                             f"{teacher_name} has {len(t)} ({', '.join(t)})")
+
+    def forward_train(self, x, y):
+        h = self.hparams
+        logits = self.student(x)
+        self.teacher_logits(x)
+        s = [self.student_taps.outputs[k] for k in self.student_stages]
+        t = [self.teacher_taps.outputs[k] for k in self.teacher_stages]
+        return logits, {
+            "ce": h["ce_weight"] * F.cross_entropy(logits.float(), y),
+            "at": h["at_weight"] * attention_transfer(s, t),
+        }
+
+
+def attention_stages(model_name: str) -> tuple[str, ...]:
+    """The stages attention transfer compares for a zoo model (see :class:`AT`)."""
+    stages = features.stage_names(model_name)[:-1]  # not ``pooled``: AT needs spatial maps
+    return stages[1:] if features.family(model_name) == "vgg" else stages
+
+
+REGISTRY: dict[str, type[Method]] = {"ce": CE, "kd": KD, "dkd": DKD, "stkd": STKD, "at": AT}
 
 
 def names() -> list[str]:
@@ -261,10 +318,23 @@ def create(
     student: nn.Module,
     teacher: nn.Module | None = None,
     generator: torch.Generator | None = None,
+    *,
+    architectures: tuple[str, str] | None = None,
+    unwrapped_student: nn.Module | None = None,
     **hparams: Any,
 ) -> Method:
-    """Build method ``name`` around ``student`` (and ``teacher``); ValueError on bad hyperparameters."""
-    return method_class(name)(student, teacher, generator, **hparams)
+    """Build method ``name`` around ``student`` (and ``teacher``); ValueError on bad hyperparameters.
+
+    ``architectures`` (student and teacher zoo names) and ``unwrapped_student`` reach only the methods
+    that tap features (``needs_architectures``); the others take no notice of them."""
+    cls = method_class(name)
+    if not cls.needs_architectures:
+        return cls(student, teacher, generator, **hparams)
+    if architectures is None:
+        raise ValueError(f"method {name!r} taps named stages of both models: give architectures="
+                         "(student_name, teacher_name)")
+    return cls(student, teacher, generator, architectures=architectures, unwrapped_student=unwrapped_student,
+               **hparams)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -14,7 +14,7 @@ from pipeline import config as config_lib
 from pipeline.train import checkpoint, teachers
 from pipeline.config import ConfigError
 from pipeline.data.feeds import InMemoryFeed
-from pipeline.train.worker_loop import (EpochSums, Step, build_student, evaluate, gather_rng_states, make_generators,
+from pipeline.train.worker_loop import (EpochSums, InputTransform, build_student, evaluate, gather_rng_states, make_generators,
                                  make_scheduler, resolve_sync_bn, restore, train_batch)
 from stkd import methods, models
 from stkd.mixup import mix
@@ -57,7 +57,7 @@ class Run:
         self.method = methods.create(name, self.student, teacher, generator=self.generators["method"], **hparams)
         self.optimizer = torch.optim.SGD(self.method.trainable_parameters(), lr=0.1, momentum=0.9)
         self.scheduler = make_scheduler(self.optimizer, OPTIM)
-        self.step = Step([0.5, 0.4, 0.3], [0.25, 0.25, 0.25], 4, True, channels_last, self.generators["augment"])
+        self.step = InputTransform([0.5, 0.4, 0.3], [0.25, 0.25, 0.25], 4, True, channels_last, self.generators["augment"])
         self.method.train()
 
     def train(self, batches, amp: Precision | None = None) -> EpochSums:
@@ -179,7 +179,7 @@ def test_students_and_teachers_are_evaluated_alike_in_fp32():
     mean, std = [0.5, 0.4, 0.3], [0.25, 0.25, 0.25]
     dtypes = []
     model.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
-    step = Step(mean, std, 4, True, False, torch.Generator())
+    step = InputTransform(mean, std, 4, True, False, torch.Generator())
     feed = InMemoryFeed(images, labels, 16, 0, 1, CPU, shuffle=False)
     # Even inside a bf16 autocast region (as training runs on a GPU), evaluation runs in fp32.
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -142,6 +142,25 @@ def test_distill_with_registered_teacher(teacher_run, mlflow_uri, tiny_overrides
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_attention_transfer_trains_through_ddp_on_two_workers(teacher_run, mlflow_uri, tiny_overrides):
+    """AT's hooks sit on the unwrapped student, so they see its stages through DDP's forward on each worker."""
+    cfg = config.load("test_tiny", tiny_overrides + ["method.name=at", "teacher.source=teacher-test-digits",
+                                                     "optim.epochs=1"])
+    assert cfg["train"]["workers"] == 2
+    outcome = run.train(cfg)
+    r = client(mlflow_uri).get_run(outcome.run_id)
+    assert r.info.status == "FINISHED" and r.data.params["method.at_weight"] == "1000.0"
+    assert r.data.metrics["loss/at"] > 0 and {"loss/ce", "loss/total"} <= set(r.data.metrics)
+
+
+def test_a_pair_attention_transfer_cannot_match_is_refused_before_ray(teacher_run, tiny_overrides):
+    cfg = config.load("test_tiny", tiny_overrides + ["method.name=at", "teacher.source=teacher-test-digits",
+                                                     "model.student=vgg8"])
+    with pytest.raises(config.ConfigError, match=r"method.name=at with teacher models:/teacher-test-digits/\d+: "
+                                                 r"method 'at' pairs stages one to one: vgg8 has 4 .* resnet8 has 3"):
+        run.train(cfg)
+
+
 def test_same_seed_and_workers_give_the_same_first_epoch_loss(ray_session, mlflow_uri, tiny_overrides):
     losses = []
     for _ in range(2):

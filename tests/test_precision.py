@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.train import checkpoint
-from pipeline.train.worker_loop import EpochSums, Step, train_batch
+from pipeline.train.worker_loop import EpochSums, InputTransform, train_batch
 from stkd import methods, models
 from stkd.precision import (Precision, PrecisionError, cpu_has_native_bf16, resolve_channels_last,
                             resolve_precision)
@@ -121,7 +121,7 @@ def test_the_scaler_state_goes_through_a_checkpoint(tmp_path):
 def test_train_batch_sums_skipped_steps_under_fp16():
     method, optimizer = tiny_method()
     amp = Precision.create("fp16", "cpu")
-    step = Step([0.5, 0.5, 0.5], [0.25, 0.25, 0.25], 2, True, False, torch.Generator().manual_seed(0))
+    step = InputTransform([0.5, 0.5, 0.5], [0.25, 0.25, 0.25], 2, True, False, torch.Generator().manual_seed(0))
     sums = EpochSums(method.term_names(), torch.device("cpu"))
     images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
     labels = torch.randint(0, 10, (8,))
@@ -136,7 +136,7 @@ def test_train_batch_sums_skipped_steps_under_fp16():
 def test_a_bf16_cpu_step_has_finite_terms(name):
     method, optimizer = tiny_method(name)
     amp = Precision.create("bf16", "cpu")
-    step = Step([0.5, 0.5, 0.5], [0.25, 0.25, 0.25], 2, True, True, torch.Generator().manual_seed(0))
+    step = InputTransform([0.5, 0.5, 0.5], [0.25, 0.25, 0.25], 2, True, True, torch.Generator().manual_seed(0))
     sums = EpochSums(method.term_names(), torch.device("cpu"))
     images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
     train_batch(method, optimizer, step, images, torch.randint(0, 10, (8,)), amp, sums)

@@ -20,6 +20,7 @@ from pipeline.data import val_split
 from pipeline.tracking import console as progress, outage, system_metrics
 from pipeline.train import checkpoint, teachers
 from pipeline.data.dataset import PreparedDataset
+from stkd import methods
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,10 @@ def fetch_teacher(config: dict[str, Any], info: dict[str, Any]) -> tuple[dict[st
         raise config_lib.ConfigError(
             f"teacher {uri} was trained for {spec['num_classes']} classes and {spec['in_channels']} channels; "
             f"dataset {info['path']} has {info['num_classes']} classes and {info['image_shape'][2]} channels")
+    try:
+        methods.method_class(config["method"]["name"]).check_architectures(config["model"]["student"], spec["name"])
+    except ValueError as e:
+        raise config_lib.ConfigError(f"method.name={config['method']['name']} with teacher {uri}: {e}") from None
     accuracy = None
     recorded = teachers.recorded_accuracy(uri, info["digest"]) if config["teacher"]["evaluate"] else None
     if recorded is not None:

@@ -373,11 +373,12 @@ def set_up(ctx: dict[str, Any], rank: int, world: int) -> Worker:
                                             parallel_strategy_kwargs=ddp_kwargs(sync_bn))
     if train_cfg["compile"]:
         student = torch.compile(student)
-    teacher = shared_teacher(ctx.get("teacher_ref"), device, channels_last)
+    teacher, teacher_name = shared_teacher(ctx.get("teacher_ref"), device, channels_last)
 
     hparams = {k: v for k, v in config["method"].items() if k != "name"}
     generators = make_generators(device, seed, rank)
-    method = methods.create(config["method"]["name"], student, teacher, generator=generators["method"], **hparams)
+    method = methods.create(config["method"]["name"], student, teacher, generator=generators["method"],
+                            architectures=(spec["name"], teacher_name), unwrapped_student=raw_student, **hparams)
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
                                 weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"])
     scheduler = make_scheduler(optimizer, optim_cfg)
@@ -402,15 +403,16 @@ def set_up(ctx: dict[str, Any], rank: int, world: int) -> Worker:
                   time.perf_counter() - setup_start)
 
 
-def shared_teacher(teacher_ref, device: torch.device, channels_last: bool) -> torch.nn.Module | None:
-    """The teacher from the one copy in Ray's object store (None for a CE student)."""
+def shared_teacher(teacher_ref, device: torch.device, channels_last: bool) -> tuple[torch.nn.Module | None, str | None]:
+    """The teacher from the one copy in Ray's object store, and its architecture's name ((None, None) for a
+    CE student)."""
     import ray
 
     if teacher_ref is None:
-        return None
+        return None, None
     shared = ray.get(teacher_ref)
     teacher = teacher_store.build(shared["spec"], shared["arrays"], device)
-    return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
+    return (teacher.to(memory_format=torch.channels_last) if channels_last else teacher), shared["spec"]["name"]
 
 
 def train_epoch(w: Worker, epoch: int) -> dict[str, float]:
