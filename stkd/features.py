@@ -93,7 +93,7 @@ def stage_shapes(model: nn.Module, model_name: str, image_shape: Sequence[int]) 
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, *image_shape))
+            model(torch.zeros(1, *image_shape, device=next(model.parameters()).device))
         return {stage: tuple(out.shape[1:]) for stage, out in taps.outputs.items()}
     finally:
         taps.remove()

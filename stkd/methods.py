@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stkd import features
-from stkd.feature_losses import attention_transfer
+from stkd.feature_losses import HintRegressor, attention_transfer, hint_loss
 from stkd.losses import dkd_loss, kd_loss, mixed_cross_entropy, soft_target_loss, standardize
 from stkd.mixup import mix
 
@@ -53,6 +53,8 @@ class Method(nn.Module):
         # The teacher stays in eval mode (BatchNorm statistics fixed) whatever the caller asks.
         self.training = mode
         self.student.train(mode)
+        for module in self.own_modules().values():
+            module.train(mode)
         if self.teacher is not None:
             self.teacher.eval()
         return self
@@ -70,8 +72,24 @@ class Method(nn.Module):
         return self.terms
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters the optimizer should see: the student's only."""
-        return list(self.student.parameters())
+        """The parameters the optimizer should see: the student's, then those of the method's own modules."""
+        params = list(self.student.parameters())
+        for module in self.own_modules().values():
+            params.extend(module.parameters())
+        return params
+
+    def own_modules(self) -> dict[str, nn.Module]:
+        """Modules the method trains beside the student (FitNet's regressor), by attribute name: data-parallel
+        training wraps each as it wraps the student, and checkpoints carry their state. None by default."""
+        return {}
+
+    def own_state_dict(self) -> dict[str, Any]:
+        """The state of :meth:`own_modules` (unwrapped), for a checkpoint."""
+        return {name: unwrap(module).state_dict() for name, module in self.own_modules().items()}
+
+    def load_own_state_dict(self, state: dict[str, Any]) -> None:
+        for name, module in self.own_modules().items():
+            unwrap(module).load_state_dict(state[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
@@ -261,7 +279,8 @@ class AT(Method):
     needs_architectures = True
 
     def __init__(self, student, teacher=None, generator=None, *, architectures: tuple[str, str],
-                 unwrapped_student: nn.Module | None = None, **hparams):
+                 unwrapped_student: nn.Module | None = None, image_shape: tuple[int, int, int] | None = None,
+                 **hparams):
         super().__init__(student, teacher, generator, **hparams)
         student_name, teacher_name = architectures
         self.check_architectures(student_name, teacher_name)
@@ -288,13 +307,76 @@ class AT(Method):
         }
 
 
+class FitNet(Method):
+    """FitNet's hint (Romero et al., ICLR 2015) trained jointly with CE, as RepDistiller's ``--distill hint``
+    runs it: a regressor (:class:`stkd.feature_losses.HintRegressor`) maps the student's ``feat[2]`` (the
+    second of :func:`attention_stages`) to the teacher's ``feat[2]`` shape, and the loss is
+    ``ce_weight * CE + hint_weight * MSE(regressor(student stage), teacher stage)`` (RepDistiller: CE 1,
+    beta 100, no KD term). The regressor trains with the student (:meth:`own_modules`).
+
+    Built with ``architectures`` and ``image_shape`` (``(C, H, W)``: the regressor is sized from one probe
+    forward of each model) and, for a wrapped student, ``unwrapped_student``.
+    """
+
+    defaults = {"ce_weight": 1.0, "hint_weight": 100.0}
+    terms = ("ce", "hint")
+    weight_names = ("ce_weight", "hint_weight")
+    needs_architectures = True
+
+    def __init__(self, student, teacher=None, generator=None, *, architectures: tuple[str, str],
+                 unwrapped_student: nn.Module | None = None, image_shape: tuple[int, int, int] | None = None,
+                 **hparams):
+        super().__init__(student, teacher, generator, **hparams)
+        if image_shape is None:
+            raise ValueError("method 'fitnet' sizes its regressor from the images: give image_shape=(C, H, W)")
+        student_name, teacher_name = architectures
+        self.check_architectures(student_name, teacher_name)
+        raw = unwrapped_student or student
+        self.student_stage, self.teacher_stage = hint_stage(student_name), hint_stage(teacher_name)
+        s_shape = features.stage_shapes(raw, student_name, image_shape)[self.student_stage]
+        t_shape = features.stage_shapes(teacher, teacher_name, image_shape)[self.teacher_stage]
+        self.regressor = HintRegressor(s_shape, t_shape).to(next(raw.parameters()).device)
+        self.student_taps = features.FeatureTaps(raw, student_name, [self.student_stage])
+        self.teacher_taps = features.FeatureTaps(teacher, teacher_name, [self.teacher_stage])
+
+    @classmethod
+    def check_architectures(cls, student_name: str, teacher_name: str | None) -> None:
+        for name in (student_name, teacher_name or ""):
+            hint_stage(name)
+
+    def own_modules(self) -> dict[str, nn.Module]:
+        return {"regressor": self.regressor}
+
+    def forward_train(self, x, y):
+        h = self.hparams
+        logits = self.student(x)
+        self.teacher_logits(x)
+        regressed = self.regressor(self.student_taps.outputs[self.student_stage])
+        return logits, {
+            "ce": h["ce_weight"] * F.cross_entropy(logits.float(), y),
+            "hint": h["hint_weight"] * hint_loss(regressed, self.teacher_taps.outputs[self.teacher_stage]),
+        }
+
+
+def hint_stage(model_name: str) -> str:
+    """The stage FitNet's hint reads (RepDistiller's ``hint_layer`` 2: ``feat[2]``)."""
+    return attention_stages(model_name)[1]
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrapper."""
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or module._orig_mod
+    return module
+
+
 def attention_stages(model_name: str) -> tuple[str, ...]:
     """The stages attention transfer compares for a zoo model (see :class:`AT`)."""
     stages = features.stage_names(model_name)[:-1]  # not ``pooled``: AT needs spatial maps
     return stages[1:] if features.family(model_name) == "vgg" else stages
 
 
-REGISTRY: dict[str, type[Method]] = {"ce": CE, "kd": KD, "dkd": DKD, "stkd": STKD, "at": AT}
+REGISTRY: dict[str, type[Method]] = {"ce": CE, "kd": KD, "dkd": DKD, "stkd": STKD, "at": AT, "fitnet": FitNet}
 
 
 def names() -> list[str]:
@@ -321,12 +403,13 @@ def create(
     *,
     architectures: tuple[str, str] | None = None,
     unwrapped_student: nn.Module | None = None,
+    image_shape: tuple[int, int, int] | None = None,
     **hparams: Any,
 ) -> Method:
     """Build method ``name`` around ``student`` (and ``teacher``); ValueError on bad hyperparameters.
 
-    ``architectures`` (student and teacher zoo names) and ``unwrapped_student`` reach only the methods
-    that tap features (``needs_architectures``); the others take no notice of them."""
+    ``architectures`` (student and teacher zoo names), ``unwrapped_student`` and ``image_shape`` (``(C, H, W)``)
+    reach only the methods that tap features (``needs_architectures``); the others take no notice of them."""
     cls = method_class(name)
     if not cls.needs_architectures:
         return cls(student, teacher, generator, **hparams)
@@ -334,7 +417,7 @@ def create(
         raise ValueError(f"method {name!r} taps named stages of both models: give architectures="
                          "(student_name, teacher_name)")
     return cls(student, teacher, generator, architectures=architectures, unwrapped_student=unwrapped_student,
-               **hparams)
+               image_shape=image_shape, **hparams)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -54,7 +54,8 @@ class Run:
         if teacher is not None and channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         self.generators = make_generators(device, seed, rank=0)
-        self.method = methods.create(name, self.student, teacher, generator=self.generators["method"], **hparams)
+        self.method = methods.create(name, self.student, teacher, generator=self.generators["method"],
+                                     architectures=("resnet8", "resnet8"), image_shape=(3, 32, 32), **hparams)
         self.optimizer = torch.optim.SGD(self.method.trainable_parameters(), lr=0.1, momentum=0.9)
         self.scheduler = make_scheduler(self.optimizer, OPTIM)
         self.step = InputTransform([0.5, 0.4, 0.3], [0.25, 0.25, 0.25], 4, True, channels_last, self.generators["augment"])
@@ -71,7 +72,8 @@ class Run:
     def state(self) -> dict:
         return {"model": self.spec, "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": 0, "history": [], "selection": {},
-                "rng": gather_rng_states(self.generators, 1, self.generators["method"].device)}
+                "rng": gather_rng_states(self.generators, 1, self.generators["method"].device),
+                "method": self.method.own_state_dict()}
 
 
 def test_resume_onto_a_non_cpu_device_restores_cpu_generator_states(tmp_path):
@@ -102,20 +104,25 @@ def test_resume_onto_a_non_cpu_device_restores_cpu_generator_states(tmp_path):
     assert scheduler.last_epoch == saved["scheduler"]["last_epoch"]
 
 
-def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("name", ["stkd", "fitnet"])  # fitnet: a regressor trained beside the student
+def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(name, tmp_path):
     batches = uint8_batches(4)
-    whole = Run(CPU)
+    whole = Run(CPU, name)
     whole.train(batches)
 
-    first = Run(CPU)
+    first = Run(CPU, name)
     first.train(batches[:2])
     checkpoint.save(first.state(), tmp_path)
-    resumed = Run(CPU)  # a fresh worker: same seeds, so only the checkpoint can put it at step 3
-    restore(str(tmp_path), resumed.student, resumed.optimizer, resumed.scheduler, resumed.generators, rank=0)
+    resumed = Run(CPU, name)  # a fresh worker: same seeds, so only the checkpoint can put it at step 3
+    restore(str(tmp_path), resumed.student, resumed.optimizer, resumed.scheduler, resumed.generators, rank=0,
+            method=resumed.method)
     resumed.train(batches[2:])
 
-    for (name, a), b in zip(whole.student.state_dict().items(), resumed.student.state_dict().values()):
-        assert torch.equal(a, b), name
+    for (key, a), b in zip(whole.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.equal(a, b), key
+    for (key, a), b in zip(whole.method.own_state_dict().get("regressor", {}).items(),
+                           resumed.method.own_state_dict().get("regressor", {}).values()):
+        assert torch.equal(a, b), key
     for key in ("augment", "method"):
         assert torch.equal(whole.generators[key].get_state(), resumed.generators[key].get_state())
 

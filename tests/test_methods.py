@@ -177,7 +177,7 @@ def test_missing_teacher_and_unknown_method():
     with pytest.raises(ValueError, match="needs a teacher"):
         methods.create("stkd", tiny_net(0))
     with pytest.raises(ValueError, match="known methods"):
-        methods.create("fitnet", tiny_net(0), tiny_net(1))
+        methods.create("no-such-method", tiny_net(0), tiny_net(1))
 
 
 @pytest.mark.parametrize("name", ["ce", "kd", "dkd", "stkd"])

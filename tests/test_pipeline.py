@@ -142,15 +142,20 @@ def test_distill_with_registered_teacher(teacher_run, mlflow_uri, tiny_overrides
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
-def test_attention_transfer_trains_through_ddp_on_two_workers(teacher_run, mlflow_uri, tiny_overrides):
-    """AT's hooks sit on the unwrapped student, so they see its stages through DDP's forward on each worker."""
-    cfg = config.load("test_tiny", tiny_overrides + ["method.name=at", "teacher.source=teacher-test-digits",
+@pytest.mark.parametrize("method, term, weight", [("at", "at", "at_weight"), ("fitnet", "hint", "hint_weight")])
+def test_feature_methods_train_through_ddp_on_two_workers(method, term, weight, teacher_run, mlflow_uri,
+                                                          tiny_overrides):
+    """The hooks sit on the unwrapped student, so they see its stages through DDP's forward on each worker;
+    FitNet's regressor trains beside it and its state is in the checkpoint."""
+    cfg = config.load("test_tiny", tiny_overrides + [f"method.name={method}", "teacher.source=teacher-test-digits",
                                                      "optim.epochs=1"])
     assert cfg["train"]["workers"] == 2
     outcome = run.train(cfg)
     r = client(mlflow_uri).get_run(outcome.run_id)
-    assert r.info.status == "FINISHED" and r.data.params["method.at_weight"] == "1000.0"
-    assert r.data.metrics["loss/at"] > 0 and {"loss/ce", "loss/total"} <= set(r.data.metrics)
+    assert r.info.status == "FINISHED" and float(r.data.params[f"method.{weight}"]) > 0
+    assert r.data.metrics[f"loss/{term}"] > 0 and {"loss/ce", "loss/total"} <= set(r.data.metrics)
+    own = checkpoint.load(outcome.checkpoint_path)["method"]
+    assert set(own) == ({"regressor"} if method == "fitnet" else set())
 
 
 def test_a_pair_attention_transfer_cannot_match_is_refused_before_ray(teacher_run, tiny_overrides):

@@ -8,6 +8,7 @@ MLflow through ``pipeline.tracking.epoch_logger`` on the controller.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -161,7 +162,7 @@ def train_batch(method: methods.Method, optimizer: torch.optim.Optimizer, transf
 
 def restore(directory: str, student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
             generators: dict[str, torch.Generator], rank: int,
-            scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+            scaler: torch.amp.GradScaler | None = None, method: methods.Method | None = None) -> dict[str, Any]:
     """Load a training checkpoint into a student, optimizer and generators already on the device.
 
     The file is read on the CPU and ``load_state_dict`` copies weights and optimizer state to where the
@@ -170,6 +171,8 @@ def restore(directory: str, student: torch.nn.Module, optimizer: torch.optim.Opt
     """
     state = checkpoint.load(directory, map_location="cpu")
     student.load_state_dict(state["student"])
+    if method is not None and method.own_modules():  # FitNet's regressor: trained with the student
+        method.load_own_state_dict(state["method"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(generators, state["rng"], rank)
@@ -377,8 +380,11 @@ def set_up(ctx: dict[str, Any], rank: int, world: int) -> Worker:
 
     hparams = {k: v for k, v in config["method"].items() if k != "name"}
     generators = make_generators(device, seed, rank)
+    h, w, c = info["image_shape"]
     method = methods.create(config["method"]["name"], student, teacher, generator=generators["method"],
-                            architectures=(spec["name"], teacher_name), unwrapped_student=raw_student, **hparams)
+                            architectures=(spec["name"], teacher_name), unwrapped_student=raw_student,
+                            image_shape=(c, h, w), **hparams)
+    wrap_own_modules(method, functools.partial(ray.train.torch.prepare_model, move_to_device=False))
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
                                 weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"])
     scheduler = make_scheduler(optimizer, optim_cfg)
@@ -392,7 +398,7 @@ def set_up(ctx: dict[str, Any], rank: int, world: int) -> Worker:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            state = restore(directory, raw_student, optimizer, scheduler, generators, rank, amp.scaler)
+            state = restore(directory, raw_student, optimizer, scheduler, generators, rank, amp.scaler, method)
         start_epoch, history, selection_state = state["epoch"] + 1, state["history"], state["selection"]
         log.info("rank %d resumed from epoch %d", rank, state["epoch"])
 
@@ -401,6 +407,14 @@ def set_up(ctx: dict[str, Any], rank: int, world: int) -> Worker:
                   InputTransform.from_config(config, info, generators["augment"], channels_last), amp, generators,
                   hardware, feeds, Selection(feeds[1] is not None, selection_state), history, start_epoch,
                   time.perf_counter() - setup_start)
+
+
+def wrap_own_modules(method: methods.Method, wrap) -> None:
+    """The method's own modules (FitNet's regressor) made data-parallel as the student is (``wrap``: Ray
+    Train's ``prepare_model``, DDP with more than one worker), so their gradients are all-reduced too and
+    every worker keeps the same regressor."""
+    for name, module in method.own_modules().items():
+        setattr(method, name, wrap(module))
 
 
 def shared_teacher(teacher_ref, device: torch.device, channels_last: bool) -> tuple[torch.nn.Module | None, str | None]:
@@ -462,7 +476,7 @@ def checkpoint_state(w: Worker, epoch: int, stopped: bool) -> dict[str, Any]:
     return {"model": w.spec, "student": w.student.state_dict(), "optimizer": w.optimizer.state_dict(),
             "scheduler": w.scheduler.state_dict(), "epoch": epoch, "history": w.history,
             "scaler": w.amp.scaler.state_dict() if w.amp.scaler is not None else None,
-            "selection": w.selection.state(w.student),
+            "selection": w.selection.state(w.student), "method": w.method.own_state_dict(),
             "rng": gather_rng_states(w.generators, w.world, w.device), "config_name": w.config["name"],
             "stopped": stopped}
 
