@@ -4,6 +4,7 @@ study, demo."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -141,71 +142,63 @@ def cmd_import_teacher(args: argparse.Namespace) -> int:
     return import_teacher.run_cli(args)
 
 
+def module_arguments(module: str):
+    """A subcommand whose module declares its own arguments (``add_arguments``); imported when the parser is built."""
+    return lambda parser: importlib.import_module(module).add_arguments(parser)
+
+
+def verify_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="the folder `stkd prepare` wrote")
+
+
+def distill_arguments(parser: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(parser)
+    parser.add_argument("--teacher", help="registered model name (its champion, else latest), name/version, "
+                                          "name@alias, models:/ URI, or checkpoint path (overrides teacher.source)")
+
+
+def log_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="the run's final checkpoint (the path its message printed)")
+    parser.add_argument("--wait", type=float, default=60.0,
+                        help="seconds to wait for the tracking server if it is still away (default 60)")
+
+
+def tune_arguments(parser: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(parser)
+    module_arguments("pipeline.sweep.search")(parser)
+
+
+# name, help, its arguments, its handler, whether it takes a recipe (and so shows EPILOG)
+COMMANDS = (
+    ("prepare", "turn a dataset into Parquet shards + manifest", module_arguments("pipeline.data.prepare"),
+     cmd_prepare, False),
+    ("verify-data", "check every shard of a prepared dataset against its sha256", verify_data_arguments,
+     cmd_verify_data, False),
+    ("teacher", "train a teacher (method ce) and register it in MLflow", add_recipe_arguments, cmd_train, True),
+    ("import-teacher", "register a published teacher (RepDistiller/mdistiller checkpoint or state dict) in MLflow, "
+     "measured on a prepared test split", module_arguments("pipeline.import_teacher"), cmd_import_teacher, False),
+    ("distill", "train a student with a teacher shared through the object store", distill_arguments, cmd_train,
+     True),
+    ("log-run", "log what a run could not log while MLflow was away, from its checkpoint", log_run_arguments,
+     cmd_log_run, False),
+    ("eval", "measure a model on a prepared split (top-1, top-5, per-class, ECE, NLL) and log it to MLflow, linked "
+     "to the model", module_arguments("pipeline.evaluate"), cmd_eval, False),
+    ("tune", "Ray Tune sweep over a search space", tune_arguments, cmd_tune, True),
+    ("study", "a grid of pairs x methods x seeds as parallel runs: the table a paper prints",
+     module_arguments("pipeline.sweep.study"), cmd_study, True),
+    ("demo", "the whole pipeline on scikit-learn's digits, in minutes on a laptop", module_arguments("pipeline.demo"),
+     cmd_demo, False),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stkd", description="STKD knowledge distillation on Ray, logged to MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("prepare", help="turn a dataset into Parquet shards + manifest")
-    from pipeline.data import prepare
-
-    prepare.add_arguments(p)
-    p.set_defaults(func=cmd_prepare)
-
-    p = sub.add_parser("verify-data", help="check every shard of a prepared dataset against its sha256")
-    p.add_argument("path", help="the folder `stkd prepare` wrote")
-    p.set_defaults(func=cmd_verify_data)
-
-    p = sub.add_parser("teacher", help="train a teacher (method ce) and register it in MLflow", epilog=EPILOG)
-    add_recipe_arguments(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("import-teacher", help="register a published teacher (RepDistiller/mdistiller checkpoint "
-                       "or state dict) in MLflow, measured on a prepared test split")
-    from pipeline import import_teacher
-
-    import_teacher.add_arguments(p)
-    p.set_defaults(func=cmd_import_teacher)
-
-    p = sub.add_parser("distill", help="train a student with a teacher shared through the object store",
-                       epilog=EPILOG)
-    add_recipe_arguments(p)
-    p.add_argument("--teacher", help="registered model name (its champion, else latest), name/version, "
-                                     "name@alias, models:/ URI, or checkpoint path (overrides teacher.source)")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("log-run", help="log what a run could not log while MLflow was away, from its checkpoint")
-    p.add_argument("checkpoint", help="the run's final checkpoint (the path its message printed)")
-    p.add_argument("--wait", type=float, default=60.0,
-                   help="seconds to wait for the tracking server if it is still away (default 60)")
-    p.set_defaults(func=cmd_log_run)
-
-    p = sub.add_parser("eval", help="measure a model on a prepared split (top-1, top-5, per-class, ECE, NLL) "
-                       "and log it to MLflow, linked to the model")
-    from pipeline import evaluate
-
-    evaluate.add_arguments(p)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("tune", help="Ray Tune sweep over a search space", epilog=EPILOG)
-    add_recipe_arguments(p)
-    from pipeline.sweep import search
-
-    search.add_arguments(p)
-    p.set_defaults(func=cmd_tune)
-
-    p = sub.add_parser("study", help="a grid of pairs x methods x seeds as parallel runs: the table a paper prints",
-                       epilog=EPILOG)
-    from pipeline.sweep import study
-
-    study.add_arguments(p)
-    p.set_defaults(func=cmd_study)
-
-    p = sub.add_parser("demo", help="the whole pipeline on scikit-learn's digits, in minutes on a laptop")
-    from pipeline import demo
-
-    demo.add_arguments(p)
-    p.set_defaults(func=cmd_demo)
+    for name, text, arguments, handler, recipe in COMMANDS:
+        command = sub.add_parser(name, help=text, epilog=EPILOG if recipe else None)
+        arguments(command)
+        command.set_defaults(func=handler)
     return parser
 
 

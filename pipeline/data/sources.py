@@ -716,33 +716,11 @@ def download(
     target = dest / info.filename
     if target.is_file() and _md5(target) == md5:
         return target
-    opener = opener or urllib.request.urlopen
     fd, tmp_name = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=dest)
     tmp = Path(tmp_name)
-    from tqdm.auto import tqdm
-
     try:
-        h = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, "wb") as f:
-            try:
-                response = opener(url, timeout=60)
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                raise PrepareError(f"cannot download {url}: {e}") from e
-            with response:
-                total = getattr(response, "length", None)
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {info.filename}",
-                          disable=not progress) as bar:
-                    while True:
-                        try:
-                            chunk = response.read(1 << 20)
-                        except OSError as e:
-                            raise PrepareError(f"cannot download {url}: {e}") from e
-                        if not chunk:
-                            break
-                        h.update(chunk)
-                        f.write(chunk)
-                        bar.update(len(chunk))
-        got = h.hexdigest()
+            got = fetch_to(f, url, opener or urllib.request.urlopen, f"download {info.filename}", progress)
         if got != md5:
             raise PrepareError(
                 f"{url}: md5 mismatch (got {got}, expected {md5}): the download is corrupt or the file "
@@ -753,6 +731,29 @@ def download(
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def fetch_to(out, url: str, opener: Callable, label: str, progress: bool) -> str:
+    """Stream ``url`` into the open file ``out`` with a progress bar; its md5. A network error is a PrepareError."""
+    from tqdm.auto import tqdm
+
+    h = hashlib.md5(usedforsecurity=False)
+    try:
+        response = opener(url, timeout=60)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise PrepareError(f"cannot download {url}: {e}") from e
+    with response, tqdm(total=getattr(response, "length", None), unit="B", unit_scale=True, desc=label,
+                        disable=not progress) as bar:
+        while True:
+            try:
+                chunk = response.read(1 << 20)
+            except OSError as e:
+                raise PrepareError(f"cannot download {url}: {e}") from e
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
+            out.write(chunk)
+            bar.update(len(chunk))
 
 
 def _find_cifar(kind: str, search: list[Path]) -> Path | None:

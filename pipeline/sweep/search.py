@@ -20,7 +20,7 @@ from pipeline import config as config_lib, stopping, tracking
 from pipeline.sweep import space as search_space, trials
 from pipeline.train import run as run_lib, teachers
 from pipeline.storage import read_text, write_text
-from pipeline.sweep.progress import Progress, check_timed_out
+from pipeline.sweep.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +84,22 @@ def sweep(base: dict[str, Any], space: dict[str, Any], samples: int, scheduler: 
         concurrent = trials.concurrency(base, count, max_concurrent, trials.fixed_cluster())
         progress = Progress(metric, epochs, trials.trial_resources(base), base["tune"]["resource_timeout_s"])
         param_space = search_space.to_tune(space["parameters"])
-        try:
-            if resume:
-                tuner = trials.restore(sweep_dir, trainable, param_space, base, progress)
-            else:
-                sched = trials.make_scheduler(scheduler, base, (uri, base["mlflow"]["experiment"], parent_run_id),
-                                       state_file=f"{sweep_dir}/{trials.ASHA_STATE}")
-                tuner = tune.Tuner(
-                    trainable,
-                    param_space=param_space,
-                    tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=samples, scheduler=sched,
-                                                max_concurrent_trials=concurrent),
-                    run_config=trials.run_config(base, name, storage, progress),
-                )
-            log.info("sweep %s: %d trial(s), %s, up to %d at once", name, count, scheduler, concurrent)
-            with stopping.signals.graceful(stopping.tune_stopper):
-                results = tuner.fit()
-            stopping.signals.check(continue_with=stopping.continue_command(resume_name=name))
-            check_timed_out(progress, f"sweep {name}", "tune.resource_timeout_s=SECONDS or "
-                            "--resource-timeout SECONDS", stopping.continue_command(resume_name=name))
-        finally:
-            trials.close_trial_runs(uri, base["mlflow"]["experiment"], parent_run_id, epochs)
+        if resume:
+            tuner = trials.restore(sweep_dir, trainable, param_space, base, progress)
+        else:
+            sched = trials.make_scheduler(scheduler, base, (uri, base["mlflow"]["experiment"], parent_run_id),
+                                          state_file=f"{sweep_dir}/{trials.ASHA_STATE}")
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=samples, scheduler=sched,
+                                            max_concurrent_trials=concurrent),
+                run_config=trials.run_config(base, name, storage, progress),
+            )
+        log.info("sweep %s: %d trial(s), %s, up to %d at once", name, count, scheduler, concurrent)
+        results = trials.fit(tuner, progress, f"sweep {name}", "tune.resource_timeout_s=SECONDS or --resource-timeout "
+                             "SECONDS", (uri, base["mlflow"]["experiment"], parent_run_id), epochs,
+                             stopping.continue_command(resume_name=name))
         return summarize(results, base, space, uri, parent_run_id, name)
 
 

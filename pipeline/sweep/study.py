@@ -93,6 +93,26 @@ def load_study(name_or_path: str | Path, overrides: list[str] | None = None,
     path = find_study(name_or_path)
     where = str(path)
     spec = config_lib.read_mapping(path, StudyError, "pairs, methods and seeds")
+    pairs, method_specs, seeds = check_spec(where, spec, seeds)
+    tuning = load_tuning(where, spec["tune"], method_specs) if "tune" in spec else None
+    common = [f"{k}={json.dumps(v)}" for k, v in (spec.get("overrides") or {}).items()] + list(overrides or [])
+
+    configs: dict[tuple[str, str, int], dict[str, Any]] = {}
+    tune_configs: dict[tuple[str, str], dict[str, Any]] = {}
+    for pair in pairs:
+        base, tune_base = pair_bases(where, pair, common, tuning)
+        for label, method in method_specs.items():
+            for seed in seeds:
+                configs[(pair, label, seed)] = cell_config(where, base, pair, label, method, seed)
+            if tuning:  # on the first seed; the seeds then run with the winner
+                tune_configs[(pair, label)] = cell_config(where, tune_base, pair, label, method, seeds[0])
+    return {"file": where, "name": path.stem, "description": spec.get("description", ""), "pairs": pairs,
+            "methods": method_specs, "seeds": seeds, "configs": configs, "tune": tuning,
+            "tune_configs": tune_configs}
+
+
+def check_spec(where: str, spec: dict[str, Any], seeds: list[int] | None) -> tuple[list, dict, list]:
+    """The spec's pairs, method labels and seeds (``seeds`` replacing its own), each checked."""
     unknown = set(spec) - {"description", "pairs", "methods", "seeds", "overrides", "tune"}
     if unknown:
         raise StudyError(f"{where}: unknown top-level key(s) {sorted(unknown)}; "
@@ -114,37 +134,28 @@ def load_study(name_or_path: str | Path, overrides: list[str] | None = None,
         if not isinstance(method, dict) or "name" not in method:
             raise StudyError(f"{where}: methods.{label}: expected {{name: method, hyperparameter: value, ...}}, "
                              f"got {method!r}")
-    extra = spec.get("overrides") or {}
-    if not isinstance(extra, dict):
-        raise StudyError(f"{where}: overrides: expected a mapping of dotted keys, got {extra!r}")
-    tuning = load_tuning(where, spec["tune"], method_specs) if "tune" in spec else None
-    common = [f"{k}={json.dumps(v)}" for k, v in extra.items()] + list(overrides or [])
+    if not isinstance(spec.get("overrides") or {}, dict):
+        raise StudyError(f"{where}: overrides: expected a mapping of dotted keys, got {spec['overrides']!r}")
+    return pairs, method_specs, seeds
 
-    configs: dict[tuple[str, str, int], dict[str, Any]] = {}
-    tune_configs: dict[tuple[str, str], dict[str, Any]] = {}
-    for pair in pairs:
-        try:
-            base = config_lib.load(pair, common)
-        except config_lib.ConfigError as e:
-            raise StudyError(f"{where}: pair {pair!r}: {e}") from None
-        if base["method"]["name"] != "ce" and not base["teacher"]["source"]:
-            raise StudyError(f"{where}: pair {pair!r} names no teacher (teacher.source)")
-        base = trials.with_validation_split(base)
-        tune_base = base
-        if tuning and tuning["epochs"] is not None:
-            try:
-                tune_base = config_lib.load(pair, config_lib.with_epochs(common, base, tuning["epochs"]))
-            except config_lib.ConfigError as e:
-                raise StudyError(f"{where}: tune.epochs: pair {pair!r} at {tuning['epochs']} epoch(s): {e}") from None
-            tune_base = trials.with_validation_split(tune_base)
-        for label, method in method_specs.items():
-            for seed in seeds:
-                configs[(pair, label, seed)] = cell_config(where, base, pair, label, method, seed)
-            if tuning:  # on the first seed; the seeds then run with the winner
-                tune_configs[(pair, label)] = cell_config(where, tune_base, pair, label, method, seeds[0])
-    return {"file": where, "name": path.stem, "description": spec.get("description", ""), "pairs": pairs,
-            "methods": method_specs, "seeds": seeds, "configs": configs, "tune": tuning,
-            "tune_configs": tune_configs}
+
+def pair_bases(where: str, pair: str, common: list[str],
+               tuning: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A pair's config for its seed runs and for its tuning trials (the same unless ``tune.epochs`` differs)."""
+    try:
+        base = config_lib.load(pair, common)
+    except config_lib.ConfigError as e:
+        raise StudyError(f"{where}: pair {pair!r}: {e}") from None
+    if base["method"]["name"] != "ce" and not base["teacher"]["source"]:
+        raise StudyError(f"{where}: pair {pair!r} names no teacher (teacher.source)")
+    base = trials.with_validation_split(base)
+    if not tuning or tuning["epochs"] is None:
+        return base, base
+    try:
+        tune_base = config_lib.load(pair, config_lib.with_epochs(common, base, tuning["epochs"]))
+    except config_lib.ConfigError as e:
+        raise StudyError(f"{where}: tune.epochs: pair {pair!r} at {tuning['epochs']} epoch(s): {e}") from None
+    return base, trials.with_validation_split(tune_base)
 
 
 def cell_config(where: str, base: dict[str, Any], pair: str, label: str, method: dict[str, Any],
@@ -186,31 +197,35 @@ def load_tuning(where: str, section: Any, method_specs: dict[str, dict[str, Any]
         if label not in method_specs:
             raise StudyError(f"{where}: tune.spaces.{label}: not a label of methods "
                              f"({', '.join(map(str, method_specs))})")
-    spaces = {}
-    for label, method in method_specs.items():
-        key = f"tune.spaces.{label}"
-        name = named.get(label, method["name"])
-        if not isinstance(name, str):
-            raise StudyError(f"{where}: {key}: expected a space name or path, got {name!r}")
-        try:
-            space = search_space.load_space(name)
-        except search_space.SpaceError as e:
-            default = "" if label in named else f" (the default: method {method['name']!r}'s shipped space)"
-            raise StudyError(f"{where}: {key}{default}: {e}") from None
-        if space["method"] != method["name"]:
-            raise StudyError(f"{where}: {key}: space {space['file']} trains method {space['method']!r}, but label "
-                             f"{label!r} is method {method['name']!r}")
-        grid = [k for k, s in space["parameters"].items() if s["distribution"] == "grid"]
-        if grid:
-            raise StudyError(f"{where}: {key}: {grid[0]}: a grid multiplies one label's trials, and a study gives "
-                             "every label the same tune.samples trials; use distribution: choice")
-        fixed = sorted({f"method.{k}" for k in method if k != "name"} & set(space["parameters"]))
-        if fixed:
-            raise StudyError(f"{where}: {key}: space {space['file']} searches {', '.join(fixed)}, which "
-                             f"methods.{label} fixes; drop it from methods.{label} or give the label a space "
-                             "without it")
-        spaces[label] = space
+    spaces = {label: label_space(where, label, method, named) for label, method in method_specs.items()}
     return {"samples": samples, "scheduler": scheduler, "epochs": epochs, "spaces": spaces}
+
+
+def label_space(where: str, label: str, method: dict[str, Any], named: dict[str, Any]) -> dict[str, Any]:
+    """The space a label is tuned in (``tune.spaces.<label>``, else its method's shipped one), checked to train
+    the label's method, to give it no grid and to leave the label's fixed hyperparameters alone."""
+    key = f"tune.spaces.{label}"
+    name = named.get(label, method["name"])
+    if not isinstance(name, str):
+        raise StudyError(f"{where}: {key}: expected a space name or path, got {name!r}")
+    try:
+        space = search_space.load_space(name)
+    except search_space.SpaceError as e:
+        default = "" if label in named else f" (the default: method {method['name']!r}'s shipped space)"
+        raise StudyError(f"{where}: {key}{default}: {e}") from None
+    if space["method"] != method["name"]:
+        raise StudyError(f"{where}: {key}: space {space['file']} trains method {space['method']!r}, but label "
+                         f"{label!r} is method {method['name']!r}")
+    grid = [k for k, s in space["parameters"].items() if s["distribution"] == "grid"]
+    if grid:
+        raise StudyError(f"{where}: {key}: {grid[0]}: a grid multiplies one label's trials, and a study gives "
+                         "every label the same tune.samples trials; use distribution: choice")
+    fixed = sorted({f"method.{k}" for k in method if k != "name"} & set(space["parameters"]))
+    if fixed:
+        raise StudyError(f"{where}: {key}: space {space['file']} searches {', '.join(fixed)}, which "
+                         f"methods.{label} fixes; drop it from methods.{label} or give the label a space "
+                         "without it")
+    return space
 
 
 def pair_name(pair: str) -> str:
@@ -348,7 +363,6 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
 
     ``parent_run_id``: an MLflow run this process has open and active (the demo's, which holds its
     teacher's run too) to hold the study's runs, table and plot, in place of a parent run of its own."""
-    from mlflow.entities import Param
     from ray import tune as ray_tune
 
     configs = study["configs"]
@@ -361,40 +375,9 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
     state = json.loads(storage.read_text(state_file) or "{}") if resume else {}
     if resume and not state and not ray_tune.Tuner.can_restore(study_dir):
         raise StudyError(f"no study to resume at {study_dir}")
-    # A pair's config that names its teacher (any of its configs when none does: a study of CE students).
-    pair_configs = {pair: next((c for (p, _, _), c in configs.items() if p == pair and c["teacher"]["source"]),
-                               next(c for (p, _, _), c in configs.items() if p == pair)) for pair in study["pairs"]}
-    infos, checked = {}, set()
-    for pair, cfg in pair_configs.items():  # refuses a bad split early
-        path = cfg["data"]["path"]
-        infos[pair] = run_lib.dataset_info(cfg, verify=path not in checked)  # checksums once per dataset, not per pair
-        checked.add(path)
-    run_lib.ensure_ray()
-    teachers, by_source = {}, {}
-    for pair, cfg in pair_configs.items():
-        if not cfg["teacher"]["source"]:
-            continue
-        source = cfg["teacher"]["source"]
-        if source not in by_source:  # one load and one object per teacher, however many pairs share it
-            by_source[source] = run_lib.load_teacher(cfg, infos[pair])
-        teachers[pair] = by_source[source]
+    teachers = datasets_and_teachers(study)
     uri = tracking.tracking_uri(first)
-    experiment = first["mlflow"]["experiment"]
-    params = {"spec": study["file"], "pairs": json.dumps(study["pairs"]), "methods": json.dumps(study["methods"]),
-              "seeds": json.dumps(study["seeds"])}
-    if study["tune"]:
-        params.update({"tune.samples": study["tune"]["samples"], "tune.scheduler": study["tune"]["scheduler"],
-                       "tune.epochs": tuning_epochs(study),
-                       "tune.spaces": json.dumps({k: s["file"] for k, s in study["tune"]["spaces"].items()})})
-    tags = {"study": name, "mlflow.note.content": study["description"]}
-    if parent_run_id:  # the caller's run: it ends it, so only the study's tags and params are added here
-        tracking.set_tags(uri, parent_run_id, tags)
-        tracking.client(uri).log_batch(parent_run_id, params=[Param(k, str(v)[:tracking.MAX_PARAM_LENGTH])
-                                                                  for k, v in params.items()])
-        holder = contextlib.nullcontext(parent_run_id)
-    else:
-        holder = tracking.tracked_run(uri, experiment, name, params if not state else {}, tags,
-                                      resume_run_id=state.get("parent_run_id"))
+    holder = parent_run(study, name, uri, first["mlflow"]["experiment"], parent_run_id, state)
     with holder as parent_run_id:
         state = {**state, "parent_run_id": parent_run_id}
         storage.write_text(state_file, json.dumps(state))
@@ -411,6 +394,51 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
             configs = with_winners(study, tuning)
         results = run_seeds(study, configs, teachers, name, parent_run_id, study_dir, resume, max_concurrent)
         return summarize(study, results, teachers, name, parent_run_id, uri, storage_path, tuning)
+
+
+def datasets_and_teachers(study: dict[str, Any]) -> dict[str, run_lib.Teacher]:
+    """Every pair's dataset checked (each dataset's checksums once), Ray started, and each pair's teacher
+    loaded and shared: one load and one object per teacher, however many pairs share it."""
+    configs = study["configs"]
+    # A pair's config that names its teacher (any of its configs when none does: a study of CE students).
+    pair_configs = {pair: next((c for (p, _, _), c in configs.items() if p == pair and c["teacher"]["source"]),
+                               next(c for (p, _, _), c in configs.items() if p == pair)) for pair in study["pairs"]}
+    infos, checked = {}, set()
+    for pair, cfg in pair_configs.items():  # refuses a bad split early
+        path = cfg["data"]["path"]
+        infos[pair] = run_lib.dataset_info(cfg, verify=path not in checked)
+        checked.add(path)
+    run_lib.ensure_ray()
+    teachers, by_source = {}, {}
+    for pair, cfg in pair_configs.items():
+        source = cfg["teacher"]["source"]
+        if source:
+            if source not in by_source:
+                by_source[source] = run_lib.load_teacher(cfg, infos[pair])
+            teachers[pair] = by_source[source]
+    return teachers
+
+
+def parent_run(study: dict[str, Any], name: str, uri: str, experiment: str, parent_run_id: str | None,
+               state: dict[str, Any]):
+    """A context manager giving the MLflow run that holds the study's runs: its own (reopened on resume), or
+    ``parent_run_id``, the caller's open run (which the caller ends; the study adds its tags and params)."""
+    from mlflow.entities import Param
+
+    params = {"spec": study["file"], "pairs": json.dumps(study["pairs"]), "methods": json.dumps(study["methods"]),
+              "seeds": json.dumps(study["seeds"])}
+    if study["tune"]:
+        params.update({"tune.samples": study["tune"]["samples"], "tune.scheduler": study["tune"]["scheduler"],
+                       "tune.epochs": tuning_epochs(study),
+                       "tune.spaces": json.dumps({k: s["file"] for k, s in study["tune"]["spaces"].items()})})
+    tags = {"study": name, "mlflow.note.content": study["description"]}
+    if parent_run_id:
+        tracking.set_tags(uri, parent_run_id, tags)
+        tracking.client(uri).log_batch(parent_run_id, params=[Param(k, str(v)[:tracking.MAX_PARAM_LENGTH])
+                                                                  for k, v in params.items()])
+        return contextlib.nullcontext(parent_run_id)
+    return tracking.tracked_run(uri, experiment, name, params if not state else {}, tags,
+                                resume_run_id=state.get("parent_run_id"))
 
 
 def tuning_epochs(study: dict[str, Any]) -> str:
@@ -436,33 +464,33 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
     epochs = max(c["optim"]["epochs"] for c in configs.values())
     progress = sweep_progress.Progress(trials.SELECTED_VAL, epochs, trials.trial_resources(first),
                                        first["tune"]["resource_timeout_s"])
-    try:
-        if resume and ray_tune.Tuner.can_restore(tuning_dir):
-            tuner = trials.restore(tuning_dir, trainable, tuning_space(study), first, progress)
-        else:
-            scheduler = None
-            if spec["scheduler"] == "asha":
-                scheduler = per_cell_scheduler({
-                    cell: trials.make_scheduler("asha", config, (uri, experiment, parent_run_id),
-                                              metric=spec["spaces"][cell[1]]["metric"], mode="max",
-                                              state_file=f"{tuning_dir}/{pair_name(cell[0])}-{cell[1]}-"
-                                                         f"{trials.ASHA_STATE}")
-                    for cell, config in configs.items()})
-            tuner = ray_tune.Tuner(
-                trainable, param_space=tuning_space(study),
-                tune_config=ray_tune.TuneConfig(num_samples=spec["samples"], scheduler=scheduler,
-                                                max_concurrent_trials=concurrent),
-                run_config=trials.run_config(first, TUNING_DIR, study_dir, progress))
-        log.info("study %s, tuning: %d trial(s) (%d per method label on each of %d pair(s)) x %s epoch(s), %s, up to "
-                 "%d at once", name, count, spec["samples"], len(study["pairs"]), tuning_epochs(study),
-                 spec["scheduler"], concurrent)
-        with stopping.signals.graceful(stopping.tune_stopper):
-            results = tuner.fit()
-        stopping.signals.check(continue_with=stopping.continue_command(resume_name=name))
-        sweep_progress.check_timed_out(progress, f"study {name} (tuning)", "--resource-timeout SECONDS",
-                                       stopping.continue_command(resume_name=name))
-    finally:
-        trials.close_trial_runs(uri, experiment, parent_run_id, epochs)
+    if resume and ray_tune.Tuner.can_restore(tuning_dir):
+        tuner = trials.restore(tuning_dir, trainable, tuning_space(study), first, progress)
+    else:
+        scheduler = None
+        if spec["scheduler"] == "asha":
+            scheduler = per_cell_scheduler({
+                cell: trials.make_scheduler("asha", config, (uri, experiment, parent_run_id),
+                                            metric=spec["spaces"][cell[1]]["metric"], mode="max",
+                                            state_file=f"{tuning_dir}/{pair_name(cell[0])}-{cell[1]}-"
+                                                       f"{trials.ASHA_STATE}")
+                for cell, config in configs.items()})
+        tuner = ray_tune.Tuner(
+            trainable, param_space=tuning_space(study),
+            tune_config=ray_tune.TuneConfig(num_samples=spec["samples"], scheduler=scheduler,
+                                            max_concurrent_trials=concurrent),
+            run_config=trials.run_config(first, TUNING_DIR, study_dir, progress))
+    log.info("study %s, tuning: %d trial(s) (%d per method label on each of %d pair(s)) x %s epoch(s), %s, up to "
+             "%d at once", name, count, spec["samples"], len(study["pairs"]), tuning_epochs(study),
+             spec["scheduler"], concurrent)
+    results = trials.fit(tuner, progress, f"study {name} (tuning)", "--resource-timeout SECONDS",
+                         (uri, experiment, parent_run_id), epochs, stopping.continue_command(resume_name=name))
+    return tuning_winners(results, configs, keys, name)
+
+
+def tuning_winners(results, configs: dict, keys: dict[str, list[str]], name: str) -> list[dict[str, Any]]:
+    """Each (pair, label)'s best tuning trial by validation top-1, in the order of ``configs``; a
+    RuntimeError naming the labels none of whose trials finished."""
     reported = []
     for result in results:
         if not result.config:  # a trial stopped before its first report: nothing to choose from
@@ -512,24 +540,17 @@ def run_seeds(study: dict[str, Any], configs: dict, teachers: dict, name: str, p
     progress = sweep_progress.Progress(trials.SELECTED_VAL, epochs, trials.trial_resources(first),
                                        first["tune"]["resource_timeout_s"])
     param_space = {"cell": ray_tune.grid_search([list(c) for c in cells])}
-    try:
-        if resume and ray_tune.Tuner.can_restore(study_dir):
-            tuner = trials.restore(study_dir, trainable, param_space, first, progress)
-        else:
-            tuner = ray_tune.Tuner(
-                trainable, param_space=param_space,
-                tune_config=ray_tune.TuneConfig(max_concurrent_trials=concurrent),
-                run_config=trials.run_config(first, name, storage_path, progress))
-        log.info("study %s: %d runs (%d pair(s) x %d method(s) x %d seed(s)), up to %d at once", name, len(cells),
-                 len(study["pairs"]), len(study["methods"]), len(study["seeds"]), concurrent)
-        with stopping.signals.graceful(stopping.tune_stopper):
-            results = tuner.fit()
-        stopping.signals.check(continue_with=stopping.continue_command(resume_name=name))
-        sweep_progress.check_timed_out(progress, f"study {name}", "--resource-timeout SECONDS",
-                                       stopping.continue_command(resume_name=name))
-    finally:
-        trials.close_trial_runs(uri, experiment, parent_run_id, epochs)
-    return results
+    if resume and ray_tune.Tuner.can_restore(study_dir):
+        tuner = trials.restore(study_dir, trainable, param_space, first, progress)
+    else:
+        tuner = ray_tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=ray_tune.TuneConfig(max_concurrent_trials=concurrent),
+            run_config=trials.run_config(first, name, storage_path, progress))
+    log.info("study %s: %d runs (%d pair(s) x %d method(s) x %d seed(s)), up to %d at once", name, len(cells),
+             len(study["pairs"]), len(study["methods"]), len(study["seeds"]), concurrent)
+    return trials.fit(tuner, progress, f"study {name}", "--resource-timeout SECONDS",
+                      (uri, experiment, parent_run_id), epochs, stopping.continue_command(resume_name=name))
 
 
 def run_rows(results) -> tuple[list[dict[str, Any]], list[str]]:

@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline import compat, config as config_lib, tracking
+from pipeline import compat, config as config_lib, stopping, tracking
 from pipeline.storage import filesystem, is_uri, read_bytes, write_bytes
-from pipeline.sweep.progress import ResourceStopper
+from pipeline.sweep.progress import ResourceStopper, check_timed_out
 from pipeline.train import run as run_lib
 
 log = logging.getLogger(__name__)
@@ -299,3 +299,16 @@ def publish(out_dir: Path, storage: str, name: str, files: list[Path]) -> list[s
     return [f"{storage.rstrip('/')}/{name}/{f.name}" for f in files]
 
 
+def fit(tuner, progress, what: str, timeout_option: str, mlflow_parent: tuple[str, str, str], epochs: int,
+        continue_with: str):
+    """Tune's fit, stopped gracefully by SIGTERM/SIGINT (Tune's own stop); then a stop, or trials that
+    waited too long for resources, raised with the command that continues. Every trial's MLflow run the
+    fit leaves open is ended either way (:func:`close_trial_runs`)."""
+    try:
+        with stopping.signals.graceful(stopping.tune_stopper):
+            results = tuner.fit()
+        stopping.signals.check(continue_with=continue_with)
+        check_timed_out(progress, what, timeout_option, continue_with)
+    finally:
+        close_trial_runs(*mlflow_parent, epochs)
+    return results

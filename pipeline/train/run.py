@@ -232,17 +232,7 @@ def train(
     if parent_run_id is None and resume_run_id is None and config["train"]["run_name"]:
         resume_run_id = earlier_attempt(tracking.tracking_uri(config), config["mlflow"]["experiment"],
                                         f"{storage_dir(config)}/{config['train']['run_name']}")
-    with phases.time("dataset"):
-        info = dataset_info(config, verify=verify_data)
-    fetched = None
-    if teacher is None and config["teacher"]["source"]:
-        with phases.time("teacher"):  # a bad teacher is an error before Ray starts
-            fetched = fetch_teacher(config, info)
-    with phases.time("ray_start"):
-        ensure_ray()
-    if fetched is not None:
-        with phases.time("teacher"):
-            teacher = share_teacher(*fetched)
+    info, teacher = data_teacher_and_ray(config, teacher, verify_data, phases)
     run_name = config_lib.new_run_name(config, teacher.spec["name"] if teacher else None)
     uri = tracking.tracking_uri(config)
     run_dir = f"{storage_dir(config)}/{run_name}"  # Ray Train's folder for this run
@@ -283,6 +273,24 @@ def train(
     phases.add("total", time.perf_counter() - called)
     outcome.phases = phases
     return outcome
+
+
+def data_teacher_and_ray(config: dict[str, Any], teacher: Teacher | None, verify_data: bool,
+                         phases: Phases) -> tuple[dict[str, Any], Teacher | None]:
+    """The dataset checked, the teacher loaded and checked (both before Ray starts, so that bad input is
+    an error in seconds), Ray started, and the teacher put into its object store once."""
+    with phases.time("dataset"):
+        info = dataset_info(config, verify=verify_data)
+    fetched = None
+    if teacher is None and config["teacher"]["source"]:
+        with phases.time("teacher"):
+            fetched = fetch_teacher(config, info)
+    with phases.time("ray_start"):
+        ensure_ray()
+    if fetched is not None:
+        with phases.time("teacher"):
+            teacher = share_teacher(*fetched)
+    return info, teacher
 
 
 def run_tags(config: dict[str, Any], info: dict[str, Any], teacher: Teacher | None, run_key: str | None,
