@@ -27,7 +27,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import torch  # noqa: E402
 
-from pipeline import config as config_lib, run  # noqa: E402
+from pipeline import config as config_lib  # noqa: E402
+from pipeline.train import run  # noqa: E402
 from pipeline.data.feeds import InMemoryFeed, RayDataFeed  # noqa: E402
 from pipeline.data.dataset import PreparedDataset  # noqa: E402
 from pipeline.train.worker_loop import InputTransform  # noqa: E402

@@ -12,7 +12,7 @@
     the project's arithmetic: bf16 autocast and channels_last models and inputs. Set beside (a) and (c), it
     splits the speed-up into what precision and memory format give and what the data path gives.
 (c) ``project``, this project's worker step: the training images as uint8 in GPU memory
-    (``pipeline.data.feeds.InMemoryFeed``), batched crop/flip and normalization (``pipeline.train.worker_loop.Step``)
+    (``pipeline.data.feeds.InMemoryFeed``), batched crop/flip and normalization (``pipeline.train.worker_loop.InputTransform``)
     with generators on the GPU, bf16 autocast, channels_last, and ``pipeline.train.worker_loop.train_batch`` (sums
     kept on the device, no host sync per step). With ``--compile`` also ``project_compile`` (the student
     under ``torch.compile``, default mode) and, on CUDA, ``project_compile_cudagraphs``
@@ -51,7 +51,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.feeds import InMemoryFeed
-from pipeline.train.worker_loop import EpochSums, Step, train_batch
+from pipeline.train.worker_loop import EpochSums, InputTransform, train_batch
 from stkd import methods, models
 from stkd.losses import kd_loss, mixed_cross_entropy
 from stkd.precision import Precision
@@ -153,7 +153,7 @@ def project_loop(student, teacher, images, labels, device, batch_size, bf16, cha
     method.train()
     optimizer = torch.optim.SGD(method.trainable_parameters(), **SGD)
     feed = InMemoryFeed(images, labels, batch_size, 0, 1, device, shuffle=True, seed=0)
-    step_input = Step(MEAN, STD, 4, True, channels_last, augment)
+    step_input = InputTransform(MEAN, STD, 4, True, channels_last, augment)
     sums = EpochSums(method.term_names(), device)
 
     amp = Precision.create("bf16" if bf16 else "fp32", device.type)

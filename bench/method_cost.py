@@ -1,4 +1,4 @@
-"""Time per training step of ce, kd, dkd and stkd (resnet56 -> resnet20, 32x32x3, 10 classes) on the CPU.
+"""Time per training step of ce, kd, dkd, stkd, at and fitnet (resnet56 -> resnet20, 32x32x3, 10 classes) on the CPU.
 
 A step is ``method.forward_train`` + ``backward`` + ``SGD.step``, on a fixed random normalized
 batch (the cost does not depend on the pixels). Methods are timed interleaved: every round runs a
@@ -41,6 +41,8 @@ VARIANTS = {
     "stkd": ("stkd", {}),  # default teacher_target=mixed_input: one teacher pass on the mixed batch
     "stkd_mixed_output": ("stkd", {"teacher_target": "mixed_output"}),
     "stkd_clean_kd": ("stkd", {"clean_kd_weight": 0.5}),  # extra teacher pass + student on 2x batch
+    "at": ("at", {}),  # hooks on three stages of each model, attention maps
+    "fitnet": ("fitnet", {}),  # hooks, and a regressor trained beside the student
 }
 
 
@@ -51,7 +53,8 @@ def build(variant: str, teacher: torch.nn.Module, device: torch.device, channels
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
     method = methods.create(name, student, None if name == "ce" else teacher,
-                            generator=torch.Generator(device=device).manual_seed(seed), **hparams)
+                            generator=torch.Generator(device=device).manual_seed(seed),
+                            architectures=("resnet20", "resnet56"), image_shape=(3, 32, 32), **hparams)
     method.train()
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     return method, optimizer

@@ -1,7 +1,7 @@
 """Does CPU bf16 training cost accuracy? CE and KD resnet8 students in fp32 and in bf16 (+ channels_last, as
 ``train.precision=auto`` trains on a CPU with native bf16), 3 seeds each, the same budget, real CIFAR-10.
 
-The worker's own pieces without Ray (``InMemoryFeed``, ``Step``, ``train_batch``, ``evaluate``, the
+The worker's own pieces without Ray (``InMemoryFeed``, ``InputTransform``, ``train_batch``, ``evaluate``, the
 schedule): what a one-worker run does per epoch. Data: a class-balanced subset of the JPEG CIFAR-10
 (``--per-class`` train images per class; the whole 10,000-image test split). The teacher (resnet20, fp32)
 is trained once on the same subset and shared by every KD student. Selection is not the question here:
@@ -23,7 +23,7 @@ import torch
 
 from pipeline.data.feeds import InMemoryFeed
 from pipeline.data.dataset import PreparedDataset
-from pipeline.train.worker_loop import EpochSums, Step, evaluate, make_generators, make_scheduler, train_batch
+from pipeline.train.worker_loop import EpochSums, InputTransform, evaluate, make_generators, make_scheduler, train_batch
 from stkd import methods, models
 from stkd.precision import Precision
 
@@ -48,7 +48,7 @@ def train(dataset: PreparedDataset, model: str, method_name: str, precision: str
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim["lr"], momentum=optim["momentum"],
                                 weight_decay=optim["weight_decay"])
     scheduler = make_scheduler(optimizer, optim)
-    step = Step(dataset.mean, dataset.std, 4, True, channels_last, generators["augment"])
+    step = InputTransform(dataset.mean, dataset.std, 4, True, channels_last, generators["augment"])
     amp = Precision.create(precision, "cpu")
     feed = InMemoryFeed.from_split(dataset, "train", batch_size, 0, 1, device, shuffle=True, seed=seed)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Ray Train overhead: the project's pipeline (TorchTrainer, 1 worker) against a plain PyTorch loop.
 
 Both train resnet20 with method ``ce`` on the same prepared CIFAR-10 subset (5,000 train images),
-batch 64, the same number of epochs, from the same pieces: ``InMemoryFeed`` -> ``Step`` (batched crop
+batch 64, the same number of epochs, from the same pieces: ``InMemoryFeed`` -> ``InputTransform`` (batched crop
 + flip + normalize) -> ``method.forward_train`` -> backward -> SGD. The Ray path is
 ``pipeline.train.run.train`` on a config from ``pipeline.config.load("bench_cifar10_ce", ...)``, and its
 per-epoch ``images_per_s`` (training part only) comes from ``Outcome.history``; the plain loop times
@@ -32,10 +32,11 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", TRACKING)
 
 import torch  # noqa: E402
 
-from pipeline import config as config_lib, run  # noqa: E402
+from pipeline import config as config_lib  # noqa: E402
+from pipeline.train import run  # noqa: E402
 from pipeline.data.feeds import InMemoryFeed  # noqa: E402
 from pipeline.data.dataset import PreparedDataset  # noqa: E402
-from pipeline.train.worker_loop import Step  # noqa: E402
+from pipeline.train.worker_loop import InputTransform  # noqa: E402
 from stkd import methods, models  # noqa: E402
 from stkd.training import train_step  # noqa: E402
 
@@ -62,7 +63,7 @@ def plain_loop(config: dict, info: dict, threads: int) -> list[float]:
                                 generator=torch.Generator().manual_seed(seed * 7919))
         optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim_cfg["lr"],
                                     momentum=optim_cfg["momentum"], weight_decay=optim_cfg["weight_decay"])
-        step = Step.from_config(config, info, torch.Generator(device=device).manual_seed(seed * 104_729), channels_last=False)
+        step = InputTransform.from_config(config, info, torch.Generator(device=device).manual_seed(seed * 104_729), channels_last=False)
         feed = InMemoryFeed.from_split(PreparedDataset.open(info["path"], verify=False), "train", optim_cfg["batch_size"], 0, 1,
                             device, shuffle=True, seed=seed)
         rates = []

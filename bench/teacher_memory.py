@@ -34,7 +34,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import torch  # noqa: E402
 
-from pipeline import teacher_store  # noqa: E402
+from pipeline.train import teachers as teacher_store  # noqa: E402
 from pipeline.train import checkpoint
 from stkd import models  # noqa: E402
 
