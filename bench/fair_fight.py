@@ -81,7 +81,7 @@ def main() -> None:
     print(f"fair fight: {epochs} epochs per run (CE plateau: {state['plateau_epochs'] or 'beyond the budgets'})",
           flush=True)
     overrides = [f"data.path={subset}", *paths(), f"optim.epochs={epochs}",
-                 f"trials.grace_period={max(1, epochs // 4)}"]
+                 f"tune.grace_period={max(1, epochs // 4)}"]
     command = [common.stkd_cli(), "study", "--spec", "cifar10_fair", *overrides]
     if state.get("study"):
         command += ["--resume", "--name", state["study"]]

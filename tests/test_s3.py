@@ -69,9 +69,10 @@ def test_a_sweep_on_s3_and_its_resume(s3_env, digits, tmp_path, monkeypatch):
     # An older sweep of the same space, named before it: --resume must not pick it.
     for variable, value in s3_env.items():
         monkeypatch.setenv(variable, value)
+    from pipeline import storage as run_storage
     from pipeline.sweep import trials
 
-    storage.write_text(f"{storage}/tune-space-20200101-000000-0000/{trials.SWEEP_FILE}", "{}")
+    run_storage.write_text(f"{storage}/tune-space-20200101-000000-0000/{trials.SWEEP_FILE}", "{}")
     args = [str(VENV_BIN / "stkd"), "tune", "--recipe", "test_tiny", "--space", str(tmp_path / "space.yaml"),
             "--samples", "1", "--scheduler", "fifo", f"data.path={digits}", f"train.storage_path={storage}",
             "train.workers=1", "train.cpus_per_worker=0.5", "optim.epochs=1"]

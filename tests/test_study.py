@@ -147,22 +147,25 @@ def test_a_tuned_study_resolves_each_labels_space_and_budget(tmp_path, tiny_over
     assert study.tuning_epochs(loaded) == "8"
 
 
-def test_each_tuning_trial_samples_its_own_labels_space(tmp_path, tiny_overrides):
+def test_each_tuning_trial_draws_from_its_own_labels_space_once(tmp_path, tiny_overrides):
     from ray.tune.search.variant_generator import generate_variants
 
     loaded = study.load_study(write_tuned_spec(tmp_path), tiny_overrides)
-    seen = {"ce": 0, "kd": 0}
-    for _ in range(3):
-        for _, variant in generate_variants({"config": study.tuning_space(loaded)}):
-            config = variant["config"]
-            label = config["cell"][1]
-            seen[label] += 1
-            assert 0.01 <= config["optim.lr"] <= (0.2 if label == "ce" else 0.1), "the label's own range"
-            if label == "ce":
-                assert config["method.temperature"] is None and config["optim.weight_decay"] in (1e-4, 5e-4, 1e-3)
-            else:
-                assert 1.0 <= config["method.temperature"] <= 8.0 and config["optim.weight_decay"] is None
-    assert seen == {"ce": 3, "kd": 3}, "the same number of trials for every label"
+    samples = study.draw_samples(loaded)
+    assert [s["cell"][1] for s in samples] == ["ce"] * 2 + ["kd"] * 2, "the same number of trials for every label"
+    for s in samples:
+        label, params = s["cell"][1], s["params"]
+        assert 0.01 <= params["optim.lr"] <= (0.2 if label == "ce" else 0.1), "the label's own range"
+        if label == "ce":
+            assert set(params) == {"optim.lr", "optim.weight_decay"} and params["optim.weight_decay"] in (1e-4, 5e-4, 1e-3)
+        else:
+            assert "optim.weight_decay" not in params and 1.0 <= params["method.temperature"] <= 8.0
+    assert study.draw_samples(loaded) == samples, "drawn the same way again"
+    assert len({s["params"]["optim.lr"] for s in samples}) == 4, "each trial its own draw"
+    # What Tune is given holds plain values only: nothing for it to draw again when it restores a trial.
+    variants = [v["cell"] for _, v in generate_variants(study.tuning_space(samples))]
+    assert variants == [[*s["cell"], i] for i, s in enumerate(samples)]
+    json.dumps(samples)  # kept in the study's state file
 
 
 def test_the_tuning_choice_reads_validation_only():
@@ -247,6 +250,7 @@ def test_a_space_of_another_method_or_with_a_grid_is_refused(tmp_path, tiny_over
 @pytest.mark.slow
 def test_a_tuned_study_tunes_each_label_then_runs_its_seeds_with_the_winner(teacher_run, tiny_overrides, mlflow_uri,
                                                                             tmp_path, monkeypatch):
+    from pipeline import storage
     from pipeline.sweep import trials
 
     loaded = study.load_study(write_tuned_spec(tmp_path), tiny_overrides + ["train.workers=1"])
@@ -265,8 +269,8 @@ def test_a_tuned_study_tunes_each_label_then_runs_its_seeds_with_the_winner(teac
 
     c = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     experiment = c.get_experiment_by_name("stkd-tests").experiment_id
-    storage = loaded["configs"][next(iter(loaded["configs"]))]["train"]["storage_path"]
-    parent = json.loads(storage.read_text(f"{storage}/{name}/{trials.SWEEP_FILE}"))["parent_run_id"]
+    storage_path = loaded["configs"][next(iter(loaded["configs"]))]["train"]["storage_path"]
+    parent = json.loads(storage.read_text(f"{storage_path}/{name}/{trials.SWEEP_FILE}"))["parent_run_id"]
 
     def children(stage):
         return c.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and tags.stage = '{stage}'")

@@ -129,7 +129,7 @@ def test_two_ranks_never_share_a_gpu(tiny_overrides, workers, share, ok):
     ("tune.max_concurrent=0", "tune.max_concurrent: must be >= 1"),
     ("tune.resource_timeout_s=0", "tune.resource_timeout_s: must be > 0"),
     ("tune.reduction_factor=1", "tune.reduction_factor"),
-    ("trials.grace_period=9", "trials.grace_period: ASHA's first rung must be within the 2 epochs"),
+    ("tune.grace_period=9", "tune.grace_period: ASHA's first rung must be within the 2 epochs"),
 ])
 def test_tune_options_are_checked(tiny_overrides, override, needle):
     with pytest.raises(config.ConfigError, match=needle):
@@ -193,7 +193,7 @@ def test_a_resumed_asha_compares_later_trials_with_the_rungs_from_before_the_sto
     the sweep's folder, so a trial after ``--resume`` is stopped where it would have been without one."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.MlflowClient(uri).create_experiment("x")
-    base = tiny(tiny_overrides, "optim.epochs=8", "trials.grace_period=2")
+    base = tiny(tiny_overrides, "optim.epochs=8", "tune.grace_period=2")
     state = str(tmp_path / "sweep" / trials.ASHA_STATE)
 
     def asha(state_file):

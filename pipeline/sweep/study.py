@@ -28,8 +28,9 @@ A spec::
 
 **Tuning** (with a ``tune:`` section) is a stage before the seeds: one Tune experiment
 (``<study dir>/tuning``) runs ``samples`` trials for every (pair, label), each the label's cell config
-(on the first seed, at the tuning budget) with its space's sampled hyperparameters on top
-(``search_space.apply``, as ``stkd tune``). The label's fixed hyperparameters (those its ``methods:``
+(on the first seed, at the tuning budget) with hyperparameters drawn from its space on top
+(``search_space.apply``, as ``stkd tune``). The draws are made once, before the first trial, and kept in
+the study's state file, so a resumed stage runs the very trials it started with (:func:`draw_samples`). The label's fixed hyperparameters (those its ``methods:``
 entry sets) stay fixed: a space that searches one is refused, as is a space of another method than the
 label's, and a ``grid`` distribution (it would give one label more trials than another). Each label's
 winner is its trial with the best validation top-1 at its selected epoch (``selected/val_top1``, the
@@ -256,38 +257,42 @@ def study_trial(params: dict[str, Any], *, configs: dict, teachers: dict, study_
                      {"study": study_name, "pair": pair, "variant": label, "stage": "seeds"})
 
 
-def tuning_trial(params: dict[str, Any], *, configs: dict, keys: dict[str, list[str]], teachers: dict,
+def tuning_trial(params: dict[str, Any], *, configs: dict, samples: list[dict[str, Any]], teachers: dict,
                  study_name: str, parent_run_id: str, tuning_dir: str) -> None:
-    """One tuning trial: a label's tuning config with its space's sampled hyperparameters on top."""
-    pair, label = params["cell"]
-    config = search_space.apply(configs[(pair, label)], {k: params[k] for k in keys[label]})
+    """One tuning trial: a label's tuning config with its drawn hyperparameters on top."""
+    pair, label, index = params["cell"]
+    config = search_space.apply(configs[(pair, label)], samples[index]["params"])
     teacher = teachers.get(pair) if config["method"]["name"] != "ce" else None
     trials.train_trial(config, teacher, parent_run_id, tuning_dir,
                      {"study": study_name, "pair": pair, "variant": label, "stage": "tune"})
 
 
-class LabelSample:
-    """Tune's ``sample_from`` for one searched key: drawn from the trial's label's space (the trial's
-    ``cell`` is resolved first, being a grid), None for a label whose space does not search it."""
+def draw_samples(study: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
+    """Every tuning trial's hyperparameters, drawn up front from its label's space: ``{"cell": [pair, label],
+    "params": {dotted key: value}}``, ``samples`` per (pair, label), in the order of ``tune_configs``.
 
-    def __init__(self, key: str, domains: dict[str, dict[str, Any]]):
-        self.key, self.domains = key, domains
+    Drawn here and kept in the study's state, not by Tune: a ``tune.sample_from`` is drawn again whenever
+    Tune restores the trial (its function placeholders are re-sampled on every restore), so a resumed
+    trial would go on with other hyperparameters than it started with, and a finished one would report
+    other ones than it trained with."""
+    import numpy as np
 
-    def __call__(self, spec):
-        config = spec["config"] if "config" in spec and "cell" not in spec else spec
-        domain = self.domains[config["cell"][1]].get(self.key)
-        return None if domain is None else domain.sample()
+    rng = np.random.default_rng(seed)
+    drawn = []
+    for pair, label in study["tune_configs"]:
+        domains = search_space.to_tune(study["tune"]["spaces"][label]["parameters"])
+        for _ in range(study["tune"]["samples"]):
+            values = {k: d.sample(random_state=rng) for k, d in domains.items()}
+            drawn.append({"cell": [pair, label],
+                          "params": {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}})
+    return drawn
 
 
-def tuning_space(study: dict[str, Any]) -> dict[str, Any]:
-    """The tuning stage's Tune param_space: every (pair, label) as a grid point, each searched key
-    sampled from that label's own space."""
+def tuning_space(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tuning stage's Tune param_space: one grid point per drawn trial, ``[pair, label, index]``."""
     from ray import tune as ray_tune
 
-    domains = {label: search_space.to_tune(space["parameters"]) for label, space in study["tune"]["spaces"].items()}
-    keys = sorted({k for d in domains.values() for k in d})
-    return {"cell": ray_tune.grid_search([list(c) for c in study["tune_configs"]]),
-            **{k: ray_tune.sample_from(LabelSample(k, domains)) for k in keys}}
+    return {"cell": ray_tune.grid_search([[*s["cell"], i] for i, s in enumerate(samples)])}
 
 
 def per_cell_scheduler(schedulers: dict[tuple[str, str], Any]):
@@ -301,7 +306,7 @@ def per_cell_scheduler(schedulers: dict[tuple[str, str], Any]):
             self.schedulers = schedulers
 
         def of(self, trial):
-            return self.schedulers[tuple(trial.config["cell"])]
+            return self.schedulers[tuple(trial.config["cell"][:2])]
 
         def set_search_properties(self, metric, mode, **spec) -> bool:
             return all([s.set_search_properties(metric, mode, **spec) for s in self.schedulers.values()])
@@ -385,7 +390,10 @@ def run_study(study: dict[str, Any], name: str | None = None, resume: bool = Fal
         if study["tune"]:
             tuning = state.get("tuning")
             if tuning is None:
-                tuning = run_tuning(study, teachers, name, parent_run_id, study_dir, resume, max_concurrent)
+                state = {**state, "tuning_samples": state.get("tuning_samples") or draw_samples(study)}
+                storage.write_text(state_file, json.dumps(state))  # before any trial: a resume runs the same ones
+                tuning = run_tuning(study, teachers, name, parent_run_id, study_dir, resume, max_concurrent,
+                                    state["tuning_samples"])
                 state = {**state, "tuning": tuning}
                 storage.write_text(state_file, json.dumps(state))  # a resumed study never tunes again
                 log_tuning(uri, parent_run_id, tuning)
@@ -447,17 +455,17 @@ def tuning_epochs(study: dict[str, Any]) -> str:
 
 
 def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: str, study_dir: str, resume: bool,
-               max_concurrent: int | None) -> list[dict[str, Any]]:
-    """The tuning stage: ``samples`` trials per (pair, label) in one Tune experiment; returns the winners."""
+               max_concurrent: int | None, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tuning stage: the drawn ``samples`` (:func:`draw_samples`) as one Tune experiment; returns the
+    winners."""
     from ray import tune as ray_tune
 
     spec, configs = study["tune"], study["tune_configs"]
     first = next(iter(configs.values()))
     tuning_dir = f"{study_dir}/{TUNING_DIR}"
     uri, experiment = tracking.tracking_uri(first), first["mlflow"]["experiment"]
-    keys = {label: list(space["parameters"]) for label, space in spec["spaces"].items()}
-    trainable = functools.partial(tuning_trial, configs=configs, keys=keys, teachers=teachers, study_name=name,
-                                  parent_run_id=parent_run_id, tuning_dir=tuning_dir)
+    trainable = functools.partial(tuning_trial, configs=configs, samples=samples, teachers=teachers,
+                                  study_name=name, parent_run_id=parent_run_id, tuning_dir=tuning_dir)
     trainable = ray_tune.with_resources(trainable, {"CPU": trials.TRIAL_CPU})
     count = spec["samples"] * len(configs)
     concurrent = trials.concurrency(first, count, max_concurrent, trials.fixed_cluster())
@@ -465,7 +473,7 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
     progress = sweep_progress.Progress(trials.SELECTED_VAL, epochs, trials.trial_resources(first),
                                        first["tune"]["resource_timeout_s"])
     if resume and ray_tune.Tuner.can_restore(tuning_dir):
-        tuner = trials.restore(tuning_dir, trainable, tuning_space(study), first, progress)
+        tuner = trials.restore(tuning_dir, trainable, tuning_space(samples), first, progress)
     else:
         scheduler = None
         if spec["scheduler"] == "asha":
@@ -476,8 +484,8 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
                                                        f"{trials.ASHA_STATE}")
                 for cell, config in configs.items()})
         tuner = ray_tune.Tuner(
-            trainable, param_space=tuning_space(study),
-            tune_config=ray_tune.TuneConfig(num_samples=spec["samples"], scheduler=scheduler,
+            trainable, param_space=tuning_space(samples),
+            tune_config=ray_tune.TuneConfig(scheduler=scheduler,
                                             max_concurrent_trials=concurrent),
             run_config=trials.run_config(first, TUNING_DIR, study_dir, progress))
     log.info("study %s, tuning: %d trial(s) (%d per method label on each of %d pair(s)) x %s epoch(s), %s, up to "
@@ -485,24 +493,24 @@ def run_tuning(study: dict[str, Any], teachers: dict, name: str, parent_run_id: 
              spec["scheduler"], concurrent)
     results = trials.fit(tuner, progress, f"study {name} (tuning)", "--resource-timeout SECONDS",
                          (uri, experiment, parent_run_id), epochs, stopping.continue_command(resume_name=name))
-    return tuning_winners(results, configs, keys, name)
+    return tuning_winners(results, configs, samples, name)
 
 
-def tuning_winners(results, configs: dict, keys: dict[str, list[str]], name: str) -> list[dict[str, Any]]:
+def tuning_winners(results, configs: dict, samples: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     """Each (pair, label)'s best tuning trial by validation top-1, in the order of ``configs``; a
     RuntimeError naming the labels none of whose trials finished."""
     reported = []
     for result in results:
         if not result.config:  # a trial stopped before its first report: nothing to choose from
             continue
-        cell = tuple(result.config["cell"])
-        reported.append({"cell": cell, "params": {k: result.config[k] for k in keys[cell[1]]},
+        pair, label, index = result.config["cell"]
+        reported.append({"cell": (pair, label), "params": samples[index]["params"],
                          "metrics": result.metrics, "error": result.error is not None})
     winners = choose_winners(reported)
     missing = [cell for cell in configs if cell not in winners]
     if missing:
         errors = [str(r.error).strip().splitlines()[-1] for r in results
-                  if r.error is not None and r.config and tuple(r.config["cell"]) in missing]
+                  if r.error is not None and r.config and tuple(r.config["cell"][:2]) in missing]
         which = ", ".join(f"{label} on {pair_name(pair)}" for pair, label in missing)
         raise RuntimeError(f"study {name}: no tuning trial of {which} finished"
                            + (f"; first error: {errors[0]}" if errors else ""))

@@ -136,8 +136,9 @@ def restore(sweep_dir: str, trainable, param_space: dict[str, Any], base: dict[s
     """The interrupted sweep at ``sweep_dir``, its errored and unfinished trials to run again, with
     this command's callbacks, stopper and retries (``Tuner.restore`` takes no RunConfig and would run
     the pickled ones, clocks included). ``param_space`` is the sweep's space, given again: Tune saves
-    functions in it (a study's ``tune.sample_from``) as placeholders that only it fills, and without
-    it every trial not yet started would run with "__fn_ph" values."""
+    what is not a plain value in it (a grid of lists, a function) as placeholders that only it fills.
+    A function (``tune.sample_from``) it would draw again for every restored trial, so no sweep here uses
+    one (see ``study.draw_samples``)."""
     from ray import tune
 
     tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True, param_space=param_space)
