@@ -30,7 +30,7 @@ def test_tiny_recipe_resolves_with_defaults(base, digits):
     ("optim.epochs=2.5", "optim.epochs: expected int"),
     ("train.use_gpu=maybe", "train.use_gpu: expected bool"),
     ("model.student=resnet9", "unknown model 'resnet9'"),
-    ("method.name=fitnet", "unknown method 'fitnet'"),
+    ("method.name=no-such-method", "unknown method 'no-such-method'"),
     ("optim.lr=-1", "optim.lr: must be > 0"),
     ("train.bf16=true", "train.bf16: replaced by train.precision (auto | bf16 | fp16 | fp32"),
     ("train.precision=fp8", "train.precision: expected one of auto, bf16, fp16, fp32, got 'fp8'"),
