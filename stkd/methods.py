@@ -262,20 +262,14 @@ class STKD(Method):
         return lam * hits_a + (1.0 - lam) * (pred == y.index_select(0, perm)).sum().float()
 
 
-class AT(Method):
-    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) as RepDistiller trains it:
-    ``ce_weight * CE + at_weight * sum over stages of AT(student stage, teacher stage)``, with
-    RepDistiller's weights (CE 1, beta 1000, no KD term) and its stages, ``feat[1:-1]`` of ``is_feat``:
-    every stage output :mod:`stkd.features` lists, except VGG's ``block0`` (its ``f0``, where the other
-    families' ``f0`` is their stem). Student and teacher stages pair one to one, shallow to deep.
+class FeatureMethod(Method):
+    """A method that compares named stages of the student and the teacher (:mod:`stkd.features`).
 
     Built with ``architectures=(student_name, teacher_name)`` (zoo names) and, when ``student`` is a
-    DDP or compiled wrapper, ``unwrapped_student``: the hooks sit on the module itself.
+    DDP or compiled wrapper, ``unwrapped_student``: the hooks sit on the module itself. Subclasses say
+    which stages of a model they read (:meth:`stages`).
     """
 
-    defaults = {"ce_weight": 1.0, "at_weight": 1000.0}
-    terms = ("ce", "at")
-    weight_names = ("ce_weight", "at_weight")
     needs_architectures = True
 
     def __init__(self, student, teacher=None, generator=None, *, architectures: tuple[str, str],
@@ -284,9 +278,38 @@ class AT(Method):
         super().__init__(student, teacher, generator, **hparams)
         student_name, teacher_name = architectures
         self.check_architectures(student_name, teacher_name)
-        self.student_stages, self.teacher_stages = attention_stages(student_name), attention_stages(teacher_name)
-        self.student_taps = features.FeatureTaps(unwrapped_student or student, student_name, self.student_stages)
+        raw = unwrapped_student or student
+        self.student_stages, self.teacher_stages = self.stages(student_name), self.stages(teacher_name)
+        self.student_taps = features.FeatureTaps(raw, student_name, self.student_stages)
         self.teacher_taps = features.FeatureTaps(teacher, teacher_name, self.teacher_stages)
+
+    @classmethod
+    def stages(cls, model_name: str) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def forward_with_stages(self, x):
+        """The student's logits and both models' stage outputs for one batch (the teacher without gradients)."""
+        logits = self.student(x)
+        self.teacher_logits(x)
+        return (logits, [self.student_taps.outputs[k] for k in self.student_stages],
+                [self.teacher_taps.outputs[k] for k in self.teacher_stages])
+
+
+class AT(FeatureMethod):
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) as RepDistiller trains it:
+    ``ce_weight * CE + at_weight * sum over stages of AT(student stage, teacher stage)``, with
+    RepDistiller's weights (CE 1, beta 1000, no KD term) and its stages, ``feat[1:-1]`` of ``is_feat``:
+    every stage output :mod:`stkd.features` lists, except VGG's ``block0`` (its ``f0``, where the other
+    families' ``f0`` is their stem). Student and teacher stages pair one to one, shallow to deep.
+    """
+
+    defaults = {"ce_weight": 1.0, "at_weight": 1000.0}
+    terms = ("ce", "at")
+    weight_names = ("ce_weight", "at_weight")
+
+    @classmethod
+    def stages(cls, model_name: str) -> tuple[str, ...]:
+        return attention_stages(model_name)
 
     @classmethod
     def check_architectures(cls, student_name: str, teacher_name: str | None) -> None:
@@ -297,47 +320,42 @@ class AT(Method):
 
     def forward_train(self, x, y):
         h = self.hparams
-        logits = self.student(x)
-        self.teacher_logits(x)
-        s = [self.student_taps.outputs[k] for k in self.student_stages]
-        t = [self.teacher_taps.outputs[k] for k in self.teacher_stages]
+        logits, s, t = self.forward_with_stages(x)
         return logits, {
             "ce": h["ce_weight"] * F.cross_entropy(logits.float(), y),
             "at": h["at_weight"] * attention_transfer(s, t),
         }
 
 
-class FitNet(Method):
+class FitNet(FeatureMethod):
     """FitNet's hint (Romero et al., ICLR 2015) trained jointly with CE, as RepDistiller's ``--distill hint``
     runs it: a regressor (:class:`stkd.feature_losses.HintRegressor`) maps the student's ``feat[2]`` (the
     second of :func:`attention_stages`) to the teacher's ``feat[2]`` shape, and the loss is
     ``ce_weight * CE + hint_weight * MSE(regressor(student stage), teacher stage)`` (RepDistiller: CE 1,
-    beta 100, no KD term). The regressor trains with the student (:meth:`own_modules`).
-
-    Built with ``architectures`` and ``image_shape`` (``(C, H, W)``: the regressor is sized from one probe
-    forward of each model) and, for a wrapped student, ``unwrapped_student``.
+    beta 100, no KD term). The regressor trains with the student (:meth:`own_modules`); it is sized from
+    one probe forward of each model, so FitNet also needs ``image_shape`` (``(C, H, W)``).
     """
 
     defaults = {"ce_weight": 1.0, "hint_weight": 100.0}
     terms = ("ce", "hint")
     weight_names = ("ce_weight", "hint_weight")
-    needs_architectures = True
 
     def __init__(self, student, teacher=None, generator=None, *, architectures: tuple[str, str],
                  unwrapped_student: nn.Module | None = None, image_shape: tuple[int, int, int] | None = None,
                  **hparams):
-        super().__init__(student, teacher, generator, **hparams)
         if image_shape is None:
             raise ValueError("method 'fitnet' sizes its regressor from the images: give image_shape=(C, H, W)")
-        student_name, teacher_name = architectures
-        self.check_architectures(student_name, teacher_name)
+        super().__init__(student, teacher, generator, architectures=architectures,
+                         unwrapped_student=unwrapped_student, **hparams)
         raw = unwrapped_student or student
-        self.student_stage, self.teacher_stage = hint_stage(student_name), hint_stage(teacher_name)
-        s_shape = features.stage_shapes(raw, student_name, image_shape)[self.student_stage]
-        t_shape = features.stage_shapes(teacher, teacher_name, image_shape)[self.teacher_stage]
+        (s_stage,), (t_stage,) = self.student_stages, self.teacher_stages
+        s_shape = features.stage_shapes(raw, architectures[0], image_shape)[s_stage]
+        t_shape = features.stage_shapes(teacher, architectures[1], image_shape)[t_stage]
         self.regressor = HintRegressor(s_shape, t_shape).to(next(raw.parameters()).device)
-        self.student_taps = features.FeatureTaps(raw, student_name, [self.student_stage])
-        self.teacher_taps = features.FeatureTaps(teacher, teacher_name, [self.teacher_stage])
+
+    @classmethod
+    def stages(cls, model_name: str) -> tuple[str, ...]:
+        return (hint_stage(model_name),)
 
     @classmethod
     def check_architectures(cls, student_name: str, teacher_name: str | None) -> None:
@@ -349,12 +367,10 @@ class FitNet(Method):
 
     def forward_train(self, x, y):
         h = self.hparams
-        logits = self.student(x)
-        self.teacher_logits(x)
-        regressed = self.regressor(self.student_taps.outputs[self.student_stage])
+        logits, (s,), (t,) = self.forward_with_stages(x)
         return logits, {
             "ce": h["ce_weight"] * F.cross_entropy(logits.float(), y),
-            "hint": h["hint_weight"] * hint_loss(regressed, self.teacher_taps.outputs[self.teacher_stage]),
+            "hint": h["hint_weight"] * hint_loss(self.regressor(s), t),
         }
 
 
