@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import mlflow
+import pytest
 
 from pipeline import tracking
+from pipeline.sweep import trials
 
 
 def test_experiments_are_tagged_for_training_runs_even_when_they_already_existed(tmp_path):
@@ -32,4 +34,38 @@ def test_the_browse_hint_opens_the_experiments_training_runs(tmp_path):
     assert hint == (f"mlflow ui --backend-store-uri {uri}, then open "
                     f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning")
     assert tracking.ui_hint("http://mlflow:5000/", None) == "open http://mlflow:5000"
+    mlflow.set_tracking_uri(None)
+
+
+def ended(uri, run_id):
+    run = tracking.client(uri).get_run(run_id)
+    return run.info.status, run.data.tags.get("end_reason")
+
+
+@pytest.mark.parametrize("driver_first", [True, False])
+def test_a_trial_the_scheduler_stopped_keeps_the_drivers_ending_whoever_writes_last(tmp_path, driver_first):
+    """ASHA's stop kills the trial's trainer, so the trial's own process raises (ActorDiedError) while
+    the sweep's driver ends the run with the scheduler's reason; the dying trial must not overwrite it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tracking.client(uri).create_run(tracking.experiment_id(tracking.client(uri), "sweep")).info.run_id
+    with pytest.raises(RuntimeError):
+        with tracking.tracked_run(uri, "sweep", "trial", {}, parent_run_id=parent) as run_id:
+            tracking.client(uri).set_tag(run_id, tracking.SCHEDULER_STOP_TAG, "asha, after 2 epochs")
+            if driver_first:
+                trials.close_trial_runs(uri, "sweep", parent, epochs=4)
+            raise RuntimeError("ActorDiedError: The actor died unexpectedly before finishing this task.")
+    if not driver_first:
+        trials.close_trial_runs(uri, "sweep", parent, epochs=4)
+    status, reason = ended(uri, run_id)
+    assert status == "KILLED"
+    assert reason == "stopped early by the scheduler (asha, after 2 epochs) after 0 of 4 epochs"
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_run_that_fails_on_its_own_keeps_its_error(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(RuntimeError):
+        with tracking.tracked_run(uri, "runs", "run", {}) as run_id:
+            raise RuntimeError("out of memory")
+    assert ended(uri, run_id) == ("FAILED", "RuntimeError: out of memory")
     mlflow.set_tracking_uri(None)

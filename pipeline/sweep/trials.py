@@ -248,7 +248,7 @@ def make_asha(mlflow_parent: tuple[str, str, str], state_file: str | None = None
             if action == self.STOP:
                 c, run = trial_run(*mlflow_parent, trial.trial_id)
                 if run is not None:
-                    c.set_tag(run.info.run_id, "stopped_by_scheduler",
+                    c.set_tag(run.info.run_id, tracking.SCHEDULER_STOP_TAG,
                               f"asha, after {result.get('epochs_done')} epochs")
             return action
 
@@ -268,7 +268,7 @@ def close_trial_runs(uri: str, experiment: str, parent_run_id: str, epochs: int)
     exp = c.get_experiment_by_name(experiment)
     children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
     for child in children:
-        stopped = child.data.tags.get("stopped_by_scheduler")
+        stopped = child.data.tags.get(tracking.SCHEDULER_STOP_TAG)
         if child.info.status == "FINISHED" or (child.info.status != "RUNNING" and not stopped):
             continue
         done = len(c.get_metric_history(child.info.run_id, "test/top1"))

@@ -116,6 +116,8 @@ def log_dataset(run_id: str, name: str, path: str, digest: str, profile: dict[st
 
 
 STOP_TAGS = frozenset({"end_reason", "continue_with"})
+# Set on a Tune trial's run when the scheduler stops it; the sweep's driver then writes the run's ending.
+SCHEDULER_STOP_TAG = "stopped_by_scheduler"
 
 
 @contextlib.contextmanager
@@ -156,6 +158,12 @@ def tracked_run(
     except BaseException as e:
         from pipeline.stopping import Stopped
 
+        if stopped_by_scheduler(uri, run_id):
+            # The error is the stop itself (the trial's trainer killed under it). The sweep's driver writes
+            # why the run ended (trials.close_trial_runs), possibly before this dying process gets here:
+            # the same status, and no end_reason that would overwrite the driver's.
+            status = "KILLED"
+            raise
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
         ending = {"end_reason": reason[:5000]}
         if isinstance(e, Stopped):  # stopped on purpose, to be continued: KILLED, not FAILED
@@ -281,6 +289,17 @@ def when_reachable(uri: str, what: str, action: Callable[[], T], deadline: float
                 log.warning("tracking server %s unreachable while logging %s (%s); trying again every %.0f s "
                             "for up to %.0f s (mlflow.outage_wait_s)", uri, what, first_line(e), RETRY_EVERY_S, left)
             time.sleep(min(RETRY_EVERY_S, left))
+
+
+def stopped_by_scheduler(uri: str, run_id: str) -> bool:
+    """Whether a Tune scheduler stopped this run's trial (False when the server cannot say)."""
+    try:
+        with quick_requests():
+            return SCHEDULER_STOP_TAG in client(uri).get_run(run_id).data.tags
+    except Exception as e:
+        if not is_outage(e):
+            raise
+        return False
 
 
 def unless_away(uri: str, what: str, action: Callable[[], Any]) -> None:
