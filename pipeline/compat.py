@@ -75,3 +75,15 @@ def dataset_input_with_profile(source, name: str, digest: str, profile: dict[str
             return {**super().to_dict(), "profile": json.dumps(profile)}
 
     return PreparedDatasetInput(source, name=name, digest=digest)
+
+
+def mlflow_global_uris() -> tuple[str | None, str | None]:
+    """The tracking and registry URIs set in this process by ``mlflow.set_tracking_uri`` and
+    ``set_registry_uri``, None where unset. The public getters answer with a default (the environment, or
+    ``./mlruns``) instead, so they cannot say whether anything was set, which putting the settings back
+    needs. Private: ``mlflow.tracking._tracking_service.utils._tracking_uri`` and
+    ``mlflow.tracking._model_registry.utils._registry_uri`` (MLflow 3.17)."""
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    return tracking._tracking_uri, registry._registry_uri

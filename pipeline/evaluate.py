@@ -99,9 +99,11 @@ def split_arrays(dataset: PreparedDataset, split: str, val_fraction: float = 0.1
     return images[carved.positions], labels[carved.positions]
 
 
-def load_model(source: str, dataset: PreparedDataset, arch: str | None = None) -> tuple[nn.Module, dict, str]:
+def load_model(source: str, dataset: PreparedDataset, arch: str | None, tracking_uri: str
+               ) -> tuple[nn.Module, dict, str]:
     """``(model in eval mode on the CPU, its spec, the resolved URI or path)``; refuses a model that does
-    not fit ``dataset``'s classes and channels."""
+    not fit ``dataset``'s classes and channels. A registered name is looked up in the store at
+    ``tracking_uri``."""
     from mlflow.exceptions import MlflowException
 
     if arch:  # a file of the literature: the reading and the key checks of `stkd import-teacher`
@@ -119,7 +121,7 @@ def load_model(source: str, dataset: PreparedDataset, arch: str | None = None) -
         log.info("%s (%s) read as %s", path, about["format"], arch)
         return model.eval(), spec, str(path)
     try:
-        state, uri = teachers.fetch(source)
+        state, uri = teachers.fetch(source, tracking_uri)
     except CheckpointError as e:
         if Path(source).expanduser().is_file() and "not a checkpoint of this project" in str(e):
             raise CheckpointError(f"{e}; a RepDistiller/mdistiller checkpoint or a plain state dict needs "
@@ -168,8 +170,10 @@ def summarize(logits: torch.Tensor, labels: np.ndarray, classes: list[str], bins
 
 
 def evaluate(source: str, data: str | Path, split: str = "test", batch_size: int = 512, val_fraction: float = 0.1,
-             val_seed: int = 0, arch: str | None = None) -> Evaluation:
-    """Load ``source``, measure it on ``data``'s ``split``; nothing logged (see :func:`log_evaluation`)."""
+             val_seed: int = 0, arch: str | None = None, tracking_uri: str | None = None) -> Evaluation:
+    """Load ``source`` (a registered name from the store at ``tracking_uri``, by default
+    :func:`tracking.tracking_uri`'s), measure it on ``data``'s ``split``; nothing logged (see
+    :func:`log_evaluation`)."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be at least 1, got {batch_size}")
     start = time.perf_counter()
@@ -177,7 +181,7 @@ def evaluate(source: str, data: str | Path, split: str = "test", batch_size: int
     images, labels = split_arrays(dataset, split, val_fraction, val_seed)
     if len(labels) == 0:
         raise ConfigError(f"{dataset.root}: the {split} split has no images")
-    model, spec, uri = load_model(source, dataset, arch)
+    model, spec, uri = load_model(source, dataset, arch, tracking_uri or tracking.tracking_uri())
     logits = predict(model, images, dataset.mean, dataset.std, batch_size)
     measured = summarize(logits, labels, dataset.classes)
     return Evaluation(source=source, model_uri=uri, spec=spec, dataset=dataset.name, data_path=str(dataset.root),
@@ -419,9 +423,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    result = evaluate(args.model, args.data, args.split, args.batch_size, args.val_fraction, args.val_seed, args.arch)
-    print("\n".join(report(result)))
     uri = tracking.tracking_uri()
+    result = evaluate(args.model, args.data, args.split, args.batch_size, args.val_fraction, args.val_seed, args.arch,
+                      uri)
+    print("\n".join(report(result)))
     params = {"eval.batch_size": args.batch_size,
               **({"eval.val_fraction": args.val_fraction, "eval.val_seed": args.val_seed}
                  if args.split == "val" else {})}

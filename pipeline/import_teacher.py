@@ -144,9 +144,8 @@ def import_teacher(path: str | Path, model_name: str, data: str | Path, register
     with tracking.tracked_run(uri, experiment, f"import-{model_name}-{uuid.uuid4().hex[:4]}", params, tags) as run_id:
         tracking.log_metrics(uri, run_id, {"final/test_top1_selected": top1}, step=0)
         version, model_uri = register(model, spec, dataset.image_shape, name)
-        champion = teachers.record_version(name, version, top1, {
-            "imported_sha256": digest, teachers.DATA_TAG: tracking.dataset_digest(dataset.manifest)},
-                                                client=tracking.client(uri))
+        champion = teachers.record_version(name, version, top1, uri, {
+            "imported_sha256": digest, teachers.DATA_TAG: tracking.dataset_digest(dataset.manifest)})
     return Imported(name=name, version=version, test_top1=top1, champion=champion, run_id=run_id,
                     model_uri=model_uri)
 

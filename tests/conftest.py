@@ -33,9 +33,10 @@ def mlflow_uri(session_dir) -> str:
 
 @pytest.fixture(autouse=True)
 def keep_mlflow_uris():
-    """``mlflow.set_tracking_uri`` and ``set_registry_uri`` (which ``tracking.client`` calls) set process-wide
-    globals and the variables MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI: a test that uses a store of its own
-    must leave neither to the tests after it, whose runs and registered models would go there."""
+    """``mlflow.set_tracking_uri`` and ``set_registry_uri`` set process-wide globals and the variables
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI. The pipeline sets them only inside ``tracking.using`` and puts
+    them back; a test that calls them itself, or fails inside a run, must leave neither to the tests after
+    it, whose runs and registered models would go there."""
     keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     before = {key: os.environ.get(key) for key in keys}
     yield

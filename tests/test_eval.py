@@ -191,7 +191,7 @@ def test_eval_of_the_trained_digits_teacher(teacher_run, digits, mlflow_uri, cap
     images, labels = dataset.load_numpy("test")
     # Its logged model (models:/m-...), the one registered as teacher-test-digits.
     out, printed, run_id = stkd_eval(capsys, teacher_run.model_uri, "--data", str(digits))
-    state, _ = teachers.fetch(teacher_run.model_uri)
+    state, _ = teachers.fetch(teacher_run.model_uri, mlflow_uri)
     expected = independent(resnet8(state["student"]), images, labels, dataset)
     agree(printed, expected)
     # The workers measured the same model on the same split in fp32: the same top-1, to within one image.

@@ -93,11 +93,11 @@ def test_published_formats_register_with_accuracy_and_champion(digits, mlflow_ur
     assert run.data.params["imported_epoch"] == "240" and run.data.params["imported_accuracy"] == "11.5"
 
     # What `stkd distill ... teacher.source=<name>` loads: the champion, in the project's checkpoint format.
-    state, uri = teachers.fetch(name)
+    state, uri = teachers.fetch(name, mlflow_uri)
     assert uri == f"models:/{name}/2"
     assert state["model"] == {"name": "resnet8", "num_classes": 10, "in_channels": 1}
     assert measured(state["student"], digits) == expected[1]
-    assert teachers.fetch(f"{name}@latest")[1] == f"models:/{name}/3"
+    assert teachers.fetch(f"{name}@latest", mlflow_uri)[1] == f"models:/{name}/3"
 
 
 def test_the_default_name_is_the_one_stkd_teacher_gives(digits, mlflow_uri, tmp_path, capsys, one_thread):

@@ -99,7 +99,7 @@ def test_the_validation_best_epoch_is_selected_and_its_model_logged(ray_session,
     assert r.data.metrics["final/val_top1_selected"] == outcome.val_top1
     assert c.get_metric_history(outcome.run_id, "val/seen")[-1].value == int(r.data.tags["val_rows"]) > 0
     # The logged model is the selected epoch's: it scores that epoch's test accuracy (within one image).
-    state, _ = teachers.fetch(outcome.model_uri)
+    state, _ = teachers.fetch(outcome.model_uri, mlflow_uri)
     assert state["selected_epoch"] == outcome.selected_epoch
     model = checkpoint.build_model(state["model"])
     model.load_state_dict(state["student"])
@@ -255,7 +255,7 @@ def shared_teacher_probe(ctx):
         "object_id": ctx["ref"].hex()}))
 
 
-def test_teacher_reaches_workers_as_one_shared_object(ray_session, teacher_run, tmp_path):
+def test_teacher_reaches_workers_as_one_shared_object(ray_session, teacher_run, mlflow_uri, tmp_path):
     import json
 
     from ray import cloudpickle
@@ -263,7 +263,7 @@ def test_teacher_reaches_workers_as_one_shared_object(ray_session, teacher_run, 
     from ray.train.torch import TorchTrainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    state, _ = teachers.fetch(teacher_run.checkpoint_path)
+    state, _ = teachers.fetch(teacher_run.checkpoint_path, mlflow_uri)
     ref = teachers.put(state)
     trainer = TorchTrainer(shared_teacher_probe, train_loop_config={"ref": ref, "out": str(tmp_path)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}))

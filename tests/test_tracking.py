@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import pytest
 
@@ -69,3 +71,35 @@ def test_a_run_that_fails_on_its_own_keeps_its_error(tmp_path):
             raise RuntimeError("out of memory")
     assert ended(uri, run_id) == ("FAILED", "RuntimeError: out of memory")
     mlflow.set_tracking_uri(None)
+
+
+def test_a_client_sets_nothing_process_wide_and_using_puts_back_what_was_there(tmp_path, monkeypatch):
+    uri, other = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)  # as a user exports it; MLflow's own globals unset
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = tracking.compat.mlflow_global_uris()
+    tracking.client(uri).search_experiments()
+    assert tracking.compat.mlflow_global_uris() == before and os.environ["MLFLOW_TRACKING_URI"] == other
+    with tracking.using(uri):
+        assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
+        with tracking.using(uri):  # nested, as the demo's runs inside its parent run
+            pass
+        assert mlflow.get_tracking_uri() == uri
+    assert tracking.compat.mlflow_global_uris() == before
+    assert os.environ["MLFLOW_TRACKING_URI"] == other and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == other, "MLflow's default (the variable) is back"
+
+
+def test_a_run_ends_in_its_own_store_and_leaves_mlflow_as_it_found_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = tracking.compat.mlflow_global_uris()
+    with tracking.tracked_run(uri, "runs", "run", {"a": 1}) as run_id:
+        assert mlflow.active_run().info.run_id == run_id
+        mlflow.log_text("fluent", "note.txt")  # the fluent API writes into the run's store
+    assert mlflow.active_run() is None
+    assert tracking.compat.mlflow_global_uris() == before and "MLFLOW_TRACKING_URI" not in os.environ
+    c = tracking.client(uri)
+    assert c.get_run(run_id).info.status == "FINISHED"
+    assert [a.path for a in c.list_artifacts(run_id)] == ["note.txt"]

@@ -43,11 +43,36 @@ def tracking_uri(config: dict[str, Any] | None = None) -> str:
 
 
 def client(uri: str):
+    """A client of the store at ``uri`` (its runs and its model registry); sets nothing process-wide."""
     import mlflow
 
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextlib.contextmanager
+def using(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (the active run, ``log_artifact``, ``log_model``) and its ``models:/`` downloads
+    read only its process-wide tracking and registry URIs: inside this block both are ``uri``; after it,
+    they and the variables their setters write (MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI, which
+    subprocesses inherit) are as they were."""
+    import mlflow
+
+    before, variables = compat.mlflow_global_uris(), {key: os.environ.get(key) for key in URI_VARIABLES}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+        for key, value in variables.items():  # the setters wrote (or removed) them
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def git_commit() -> str:
@@ -137,46 +162,47 @@ def tracked_run(
     import mlflow
     from mlflow.entities import Param
 
-    c = client(uri)
-    if resume_run_id:
-        run = mlflow.start_run(run_id=resume_run_id)
-        for stale in STOP_TAGS.intersection(run.data.tags):  # the earlier attempt's end, continued now
-            c.delete_tag(resume_run_id, stale)
-    else:
-        # Nested when this process already has an active run: the demo's runs inside its parent run.
-        run = mlflow.start_run(experiment_id=experiment_id(c, experiment), run_name=run_name,
-                               tags={**version_tags(), **(tags or {})}, parent_run_id=parent_run_id,
-                               nested=mlflow.active_run() is not None)
-    run_id = run.info.run_id
-    status = "FAILED"
-    try:
-        params_list = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
-        for start in range(0, len(params_list), 100):
-            c.log_batch(run_id, params=params_list[start:start + 100])
-        yield run_id
-        status = "FINISHED"
-    except BaseException as e:
-        from pipeline.stopping import Stopped
-
-        if stopped_by_scheduler(uri, run_id):
-            # The error is the stop itself (the trial's trainer killed under it). The sweep's driver writes
-            # why the run ended (trials.close_trial_runs), possibly before this dying process gets here:
-            # the same status, and no end_reason that would overwrite the driver's.
-            status = "KILLED"
-            raise
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        ending = {"end_reason": reason[:5000]}
-        if isinstance(e, Stopped):  # stopped on purpose, to be continued: KILLED, not FAILED
-            status, ending["end_reason"] = "KILLED", str(e)
-            if e.continue_with:
-                ending["continue_with"] = e.continue_with
-        unless_away(uri, "the run's end_reason tag", lambda: set_tags(uri, run_id, ending))
-        raise
-    finally:
-        if mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
-            unless_away(uri, f"the run's status {status}", lambda: mlflow.end_run(status))
+    with using(uri):  # the run is this process's active run: the fluent API's store is its store
+        c = client(uri)
+        if resume_run_id:
+            run = mlflow.start_run(run_id=resume_run_id)
+            for stale in STOP_TAGS.intersection(run.data.tags):  # the earlier attempt's end, continued now
+                c.delete_tag(resume_run_id, stale)
         else:
-            unless_away(uri, f"the run's status {status}", lambda: c.set_terminated(run_id, status))
+            # Nested when this process already has an active run: the demo's runs inside its parent run.
+            run = mlflow.start_run(experiment_id=experiment_id(c, experiment), run_name=run_name,
+                                   tags={**version_tags(), **(tags or {})}, parent_run_id=parent_run_id,
+                                   nested=mlflow.active_run() is not None)
+        run_id = run.info.run_id
+        status = "FAILED"
+        try:
+            params_list = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+            for start in range(0, len(params_list), 100):
+                c.log_batch(run_id, params=params_list[start:start + 100])
+            yield run_id
+            status = "FINISHED"
+        except BaseException as e:
+            from pipeline.stopping import Stopped
+
+            if stopped_by_scheduler(uri, run_id):
+                # The error is the stop itself (the trial's trainer killed under it). The sweep's driver writes
+                # why the run ended (trials.close_trial_runs), possibly before this dying process gets here:
+                # the same status, and no end_reason that would overwrite the driver's.
+                status = "KILLED"
+                raise
+            reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            ending = {"end_reason": reason[:5000]}
+            if isinstance(e, Stopped):  # stopped on purpose, to be continued: KILLED, not FAILED
+                status, ending["end_reason"] = "KILLED", str(e)
+                if e.continue_with:
+                    ending["continue_with"] = e.continue_with
+            unless_away(uri, "the run's end_reason tag", lambda: set_tags(uri, run_id, ending))
+            raise
+        finally:
+            if mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
+                unless_away(uri, f"the run's status {status}", lambda: mlflow.end_run(status))
+            else:
+                unless_away(uri, f"the run's status {status}", lambda: c.set_terminated(run_id, status))
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:

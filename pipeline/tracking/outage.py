@@ -85,7 +85,7 @@ def log_step(step: str, record: dict[str, Any], state: dict[str, Any]) -> str | 
         active = mlflow.active_run()
         if active is None or active.info.run_id != run_id:  # `stkd log-run`: reopen the run in this process
             mlflow.start_run(run_id=run_id)
-        return log_artifacts(record["config"], state, record["run_name"], record["image_shape"])
+        return log_artifacts(record["config"], state, record["run_name"], record["image_shape"], uri)
     elif step == "status":
         c.set_terminated(run_id, "FINISHED")
     return None
@@ -131,13 +131,14 @@ def log_later(path: str, wait_s: float) -> tuple[dict[str, Any], list[str], str 
     logged = [describe_step(s, record) for s in record["pending"]]
     if not logged:
         return record, [], None
-    tracking.client(record["tracking_uri"])
-    try:
-        model_uri = finish_logging(record, state, wait_s, ckpt.filesystem, ckpt.path)
-    finally:
-        if mlflow.active_run() is not None:  # opened (status RUNNING) by the artifacts step
-            status = "FAILED" if record["pending"] else "FINISHED"
-            tracking.unless_away(record["tracking_uri"], f"the run's status {status}", lambda: mlflow.end_run(status))
+    with tracking.using(record["tracking_uri"]):  # the artifacts step reopens the run as the active run
+        try:
+            model_uri = finish_logging(record, state, wait_s, ckpt.filesystem, ckpt.path)
+        finally:
+            if mlflow.active_run() is not None:  # opened (status RUNNING) by the artifacts step
+                status = "FAILED" if record["pending"] else "FINISHED"
+                tracking.unless_away(record["tracking_uri"], f"the run's status {status}",
+                                     lambda: mlflow.end_run(status))
     return record, logged, model_uri
 
 
@@ -150,8 +151,10 @@ def write_json(filesystem, path: str, data: dict[str, Any]) -> None:
         f.write(json.dumps(data, indent=1, default=str).encode())
 
 
-def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, image_shape: list[int]) -> str:
-    """The resolved recipe, the learning curve and the final student (an MLflow PyTorch model)."""
+def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, image_shape: list[int],
+                  tracking_uri: str) -> str:
+    """The resolved recipe, the learning curve and the final student (an MLflow PyTorch model), into the
+    active run."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,7 +173,7 @@ def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, 
         if info.registered_model_version is not None:  # its accuracy on the version; `champion` if it is the best
             manifest = PreparedDataset.open(config["data"]["path"], verify=False).manifest
             teachers.record_version(config["mlflow"]["register_as"], info.registered_model_version,
-                                         selected["test_top1"],
-                                         {teachers.DATA_TAG: tracking.dataset_digest(manifest)})
+                                    selected["test_top1"], tracking_uri,
+                                    {teachers.DATA_TAG: tracking.dataset_digest(manifest)})
     return info.model_uri
 

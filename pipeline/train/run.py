@@ -136,10 +136,7 @@ def share_teacher(state: dict[str, Any], uri: str, accuracy: float | None) -> Te
 def fetch_teacher(config: dict[str, Any], info: dict[str, Any]) -> tuple[dict[str, Any], str, float | None]:
     """The teacher's checkpoint, checked against the dataset, and its test accuracy; without Ray, so a bad
     ``teacher.source`` is a one-line error before anything starts. Returns ``(state, uri, accuracy)``."""
-    source = config["teacher"]["source"]
-    if not teachers.is_path(source):
-        tracking.client(tracking.tracking_uri(config))  # a registered name is looked up in the run's own store
-    state, uri = teachers.fetch(source)
+    state, uri = teachers.fetch(config["teacher"]["source"], tracking.tracking_uri(config))
     spec = state["model"]
     if spec["num_classes"] != info["num_classes"] or spec["in_channels"] != info["image_shape"][2]:
         raise config_lib.ConfigError(
@@ -150,7 +147,7 @@ def fetch_teacher(config: dict[str, Any], info: dict[str, Any]) -> tuple[dict[st
     except ValueError as e:
         raise config_lib.ConfigError(f"method.name={config['method']['name']} with teacher {uri}: {e}") from None
     accuracy = None
-    recorded = teachers.recorded_accuracy(uri, info["digest"]) if config["teacher"]["evaluate"] else None
+    recorded = teachers.recorded_accuracy(uri, info["digest"], tracking.tracking_uri(config)) if config["teacher"]["evaluate"] else None
     if recorded is not None:
         # Measured on this very test split (same shard checksums) when it was registered: no second pass.
         accuracy = recorded

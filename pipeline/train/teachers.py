@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pipeline import tracking
 from pipeline.train import checkpoint
 from stkd.methods import freeze
 
@@ -44,8 +45,9 @@ def is_path(source: str) -> bool:
     return source.startswith(PATH_PREFIXES) or Path(source).expanduser().exists()
 
 
-def resolve_uri(source: str, client=None) -> str:
-    """A registered name as a ``models:/name/<version>`` URI; other URIs and paths unchanged.
+def resolve_uri(source: str, tracking_uri: str) -> str:
+    """A registered name as a ``models:/name/<version>`` URI (looked up in the registry of the store at
+    ``tracking_uri``); other URIs and paths unchanged.
 
     ``name/3`` is version 3; ``name@alias`` (or ``models:/name@alias``) the version the alias points
     to now; a bare ``name`` resolves through ``champion``, else MLflow's ``latest``. Aliases are
@@ -62,17 +64,16 @@ def resolve_uri(source: str, client=None) -> str:
     name, version, alias = match.groups()
     if version:
         return f"models:/{name}/{version}"
-    import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = client or mlflow.MlflowClient()
+    client = tracking.client(tracking_uri)
     try:
         registered = client.get_registered_model(name)
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         if alias or source.startswith("models:/"):
-            raise checkpoint.CheckpointError(f"no registered model {name!r} in {mlflow.get_registry_uri()}") from None
+            raise checkpoint.CheckpointError(f"no registered model {name!r} in {tracking_uri}") from None
         return source  # not a registered model; maybe a relative path
     if alias is None:
         alias = CHAMPION if CHAMPION in registered.aliases else LATEST
@@ -91,16 +92,14 @@ def resolve_uri(source: str, client=None) -> str:
     return f"models:/{name}/{resolved.version}"
 
 
-def record_version(name: str, version: str | int, test_top1: float, tags: dict[str, str] | None = None,
-                   client=None) -> str:
+def record_version(name: str, version: str | int, test_top1: float, tracking_uri: str,
+                   tags: dict[str, str] | None = None) -> str:
     """Tag a newly registered version with its test accuracy and make it ``champion`` if it beats the
     current champion's (or there is none). Returns the version ``champion`` points to now.
 
     ``latest`` needs nothing: MLflow resolves that alias to the newest version itself.
     """
-    import mlflow
-
-    client = client or mlflow.MlflowClient()
+    client = tracking.client(tracking_uri)
     version = str(version)
     # The champion's accuracy is read back from its tag, so the newcomer is compared at the tag's
     # rounding: an unrounded 78.33333 against a stored "78.3333" would win a tie.
@@ -130,32 +129,31 @@ def record_version(name: str, version: str | int, test_top1: float, tags: dict[s
     return version
 
 
-def recorded_accuracy(uri: str, data_digest: str, client=None) -> float | None:
+def recorded_accuracy(uri: str, data_digest: str, tracking_uri: str) -> float | None:
     """The test top-1 recorded on registered version ``uri`` (``models:/name/N``) when it was measured on
     the dataset with ``data_digest``; None for anything else (a path, another dataset, no record)."""
     match = re.fullmatch(r"models:/([\w.\-]+)/(\d+)", uri)
     if match is None:
         return None
-    import mlflow
-
-    client = client or mlflow.MlflowClient()
-    tags = client.get_model_version(*match.groups()).tags
+    tags = tracking.client(tracking_uri).get_model_version(*match.groups()).tags
     if tags.get(DATA_TAG) != data_digest or ACCURACY_TAG not in tags:
         return None
     return float(tags[ACCURACY_TAG])
 
 
-def fetch(source: str) -> tuple[dict[str, Any], str]:
-    """Load the teacher checkpoint named by ``source``; returns ``(state, resolved_uri)``."""
+def fetch(source: str, tracking_uri: str) -> tuple[dict[str, Any], str]:
+    """Load the teacher checkpoint named by ``source`` (a registered name or ``models:/`` URI from the store
+    at ``tracking_uri``); returns ``(state, resolved_uri)``."""
     from pathlib import Path
 
-    uri = resolve_uri(source)
+    uri = resolve_uri(source, tracking_uri)
     if Path(uri).expanduser().exists():
         return checkpoint.load(Path(uri).expanduser()), str(Path(uri).expanduser().resolve())
     if uri.startswith(URI_SCHEMES):
         import mlflow
 
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        with tracking.using(tracking_uri):  # models:/ is resolved in MLflow's process-wide registry
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
         return checkpoint.load(local), uri
     raise checkpoint.CheckpointError(
         f"teacher {source!r} is neither a file, a checkpoint directory, an MLflow URI, nor a registered model")
