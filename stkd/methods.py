@@ -8,6 +8,7 @@ batch's correct predictions against the labels that batch was trained on.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -392,7 +393,9 @@ def attention_stages(model_name: str) -> tuple[str, ...]:
     return stages[1:] if features.family(model_name) == "vgg" else stages
 
 
-REGISTRY: dict[str, type[Method]] = {"ce": CE, "kd": KD, "dkd": DKD, "stkd": STKD, "at": AT, "fitnet": FitNet}
+# A method in a file of its own is registered by its import path, "module:Class": imported on first use, so
+# that its file can import this module (README, "Adding a method").
+REGISTRY: dict[str, type[Method] | str] = {"ce": CE, "kd": KD, "dkd": DKD, "stkd": STKD, "at": AT, "fitnet": FitNet}
 
 
 def names() -> list[str]:
@@ -406,9 +409,15 @@ def hparam_defaults(name: str) -> dict[str, Any]:
 
 def method_class(name: str) -> type[Method]:
     try:
-        return REGISTRY[name]
+        entry = REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(names())}") from None
+    if isinstance(entry, str):
+        module, _, attribute = entry.partition(":")
+        entry = REGISTRY[name] = getattr(importlib.import_module(module), attribute)
+        if not (isinstance(entry, type) and issubclass(entry, Method)):
+            raise TypeError(f"method {name!r}: {module}:{attribute} is not a subclass of stkd.methods.Method")
+    return entry
 
 
 def create(
