@@ -41,11 +41,13 @@ alive() {
     [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
-# wait_http URL SECONDS [HEADER]: poll until URL answers 2xx.
+# wait_http URL SECONDS [HEADER] [PIDFILE]: poll until URL answers 2xx; give up early when the process
+# recorded in PIDFILE (the server that should answer) has exited.
 wait_http() {
-    local url="$1" deadline=$((SECONDS + $2)) header="${3:-}"
+    local url="$1" deadline=$((SECONDS + $2)) header="${3:-}" pidfile="${4:-}"
     until curl -sf -o /dev/null ${header:+-H "$header"} "$url"; do
         [ $SECONDS -lt $deadline ] || return 1
+        if [ -n "$pidfile" ] && ! alive "$pidfile"; then return 1; fi
         sleep 1
     done
 }

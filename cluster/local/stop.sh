@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stop what start.sh and mlflow_server.sh started, by the PIDs they recorded, and nothing else.
+# Stop what start.sh and mlflow_server.sh started (its PostgreSQL too), by the PIDs they recorded, and
+# nothing else.
 #
 # Usage: cluster/local/stop.sh [--state DIR] [--ray-only | --mlflow-only] [--purge]
 #   --purge   also delete the state folder (logs, token, MLflow database and artifacts)
@@ -10,8 +11,9 @@
 # worker processes in process groups of their own, so the processes to end are those groups plus any
 # process whose environment carries the scripts' marker for this state folder, STKD_LOCAL_CLUSTER=<state>
 # (Ray) or STKD_LOCAL_MLFLOW=<state> (MLflow): SIGTERM, then SIGKILL after a grace period
-# (STKD_STOP_GRACE_S, default 15 s). No `ray stop`: it would stop every Ray cluster of this user on the
-# machine, other people's test clusters included.
+# (STKD_STOP_GRACE_S, default 15 s). The MLflow server's PostgreSQL, if it has one, gets a fast shutdown
+# (SIGINT to its postmaster) before the same sweep by its marker, STKD_LOCAL_POSTGRES=<state>. No `ray stop`:
+# it would stop every Ray cluster of this user on the machine, other people's test clusters included.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
         --ray-only) mlflow=0; shift ;;
         --mlflow-only) ray=0; shift ;;
         --purge) purge=1; shift ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -103,6 +105,8 @@ fi
 if [ "$mlflow" = 1 ]; then
     stop_all "mlflow server ($state)" STKD_LOCAL_MLFLOW "$state/mlflow.pid"
     rm -f "$state/mlflow_uri"
+    source "$(dirname "$0")/postgres.sh"
+    stop_postgres  # the server's database, when it had one (mlflow_server.sh --backend postgresql)
 fi
 if [ "$purge" = 1 ]; then
     rm -rf "$state"
