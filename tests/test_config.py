@@ -16,8 +16,8 @@ def load(base, *more, recipe="test_tiny"):
 def test_tiny_recipe_resolves_with_defaults(base, digits):
     cfg = load(base, "optim.lr=0.2", "method.name=stkd", "teacher.source=some-teacher", "method.temperature=6")
     assert cfg["optim"]["lr"] == 0.2
-    assert cfg["method"] == {"name": "stkd", "temperature": 6.0, "ce_weight": 0.1, "kd_weight": 0.9,
-                             "mixup_alpha": 1.0, "teacher_target": "mixed_input", "clean_kd_weight": 0.0,
+    assert cfg["method"] == {"name": "stkd", "temperature": 6.0, "ce_weight": 0.5, "kd_weight": 0.91,
+                             "mixup_alpha": 1.0, "teacher_target": "mixed_output", "clean_kd_weight": 0.5,
                              "standardize": False}
     assert cfg["data"]["path"] == str(digits)
     assert cfg["mlflow"]["tracking_uri"]
@@ -57,7 +57,7 @@ def test_missing_teacher_and_bad_hyperparameters(base):
 
 
 def test_a_method_switched_on_the_command_line_starts_from_its_own_defaults(base):
-    # The pair recipe is STKD with KD's weights (ce_weight 0.1) and mixup_alpha 0.4.
+    # The pair recipe is STKD at STKD's defaults (ce_weight 0.5).
     cfg = config.load("cifar100_resnet56_resnet20", [base[0], "method.name=dkd"])
     assert cfg["method"] == {"name": "dkd", "temperature": 4.0, "ce_weight": 1.0, "tckd_weight": 1.0,
                              "nckd_weight": 8.0, "warmup_epochs": 20, "standardize": False}
@@ -66,14 +66,15 @@ def test_a_method_switched_on_the_command_line_starts_from_its_own_defaults(base
 
 
 def test_the_recipes_own_method_keeps_its_hyperparameters(base):
-    cfg = config.load("cifar100_resnet56_resnet20", [base[0], "method.kd_weight=0.5"])
+    cfg = config.load("cifar100_resnet56_resnet20", [base[0], "method.kd_weight=0.5", "method.mixup_alpha=0.4"])
     assert (cfg["method"]["name"], cfg["method"]["mixup_alpha"], cfg["method"]["kd_weight"]) == ("stkd", 0.4, 0.5)
+    assert config.with_method(cfg, {"name": "stkd", "standardize": True})["method"]["mixup_alpha"] == 0.4
 
 
 def test_with_method_follows_the_same_rule(base):
     stkd = config.load("cifar100_resnet56_resnet20", [base[0]])
     assert config.with_method(stkd, {"name": "dkd"})["method"]["ce_weight"] == 1.0
-    assert config.with_method(stkd, {"name": "stkd", "standardize": True})["method"]["mixup_alpha"] == 0.4
+    assert config.with_method(stkd, {"name": "stkd", "standardize": True})["method"]["ce_weight"] == 0.5
     assert config.with_method(stkd, {"name": "kd"})["method"] == {
         "name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize": False}
 

@@ -68,7 +68,8 @@ def test_stkd_teacher_and_student_see_the_same_virtual_samples(batch):
     x, y = batch
     student, teacher = tiny_net(0), tiny_net(1)
     seen_s, seen_t = Recorder(student), Recorder(teacher)
-    m = methods.create("stkd", student, teacher, mixup_alpha=1.0, generator=torch.Generator().manual_seed(5))
+    m = methods.create("stkd", student, teacher, mixup_alpha=1.0, teacher_target="mixed_input", clean_kd_weight=0.0,
+                       generator=torch.Generator().manual_seed(5))
     m.forward_train(x, y)
     perm, lam = m.last_mix
     assert 0 < lam < 1
@@ -100,7 +101,8 @@ def test_stkd_mixed_output_target_and_mixed_labels(batch):
 def test_stkd_clean_kd_term(batch):
     x, y = batch
     student, teacher = tiny_net(0), tiny_net(1)
-    m = methods.create("stkd", student, teacher, clean_kd_weight=0.5, generator=torch.Generator().manual_seed(3))
+    m = methods.create("stkd", student, teacher, clean_kd_weight=0.5, temperature=4.0,
+                       generator=torch.Generator().manual_seed(3))
     m.eval()  # BatchNorm in eval so a separate clean pass of the student gives the same logits
     _, terms = m.forward_train(x, y)
     with torch.no_grad():
@@ -307,7 +309,8 @@ def test_stkd_clean_kd_term_with_standardize(batch):
     x, y = batch
     student, teacher = tiny_net(0), tiny_net(1)
     m = methods.create(
-        "stkd", student, teacher, clean_kd_weight=0.5, standardize=True, generator=torch.Generator().manual_seed(3),
+        "stkd", student, teacher, clean_kd_weight=0.5, standardize=True, temperature=4.0,
+        generator=torch.Generator().manual_seed(3),
     )
     m.eval()  # BatchNorm in eval so a separate clean pass of the student gives the same logits
     _, terms = m.forward_train(x, y)
