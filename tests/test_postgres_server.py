@@ -112,6 +112,10 @@ def test_an_mlflow_server_on_its_own_postgresql_keeps_runs_and_stops_by_pid(stat
             connection.close()
         finally:
             del os.environ["PGPASSFILE"]
+        # Concurrent trials through the project's tracking path (bench/tracking_load.py, made short).
+        from test_tracking_load import bench_module, check_load
+
+        check_load(bench_module(), uri, state)
         postmaster = int((state / "postgres.pid").read_text())
     finally:
         stopped = subprocess.run([str(LOCAL / "stop.sh"), "--mlflow-only", "--state", str(state)],
