@@ -116,7 +116,9 @@ def run_demo(out: Path, workers: int, seed: int, teacher_epochs: int | None = No
         prepare("digits", data, progress=False)
     uri = tracking.tracking_uri()
     name = f"demo-{uuid.uuid4().hex[:4]}"
-    params = {"workers": workers, "student_workers": student_workers, "seed": seed, "seeds": seeds,
+    # Not the seeds: the study logs the ones it runs into this run, and MLflow refuses a param logged twice
+    # with two values (None here, the spec's [0, 1, 2] there, when --seeds is not given).
+    params = {"workers": workers, "student_workers": student_workers, "seed": seed,
               "teacher_epochs": teacher_epochs, "student_epochs": student_epochs}
     with tracking.tracked_run(uri, EXPERIMENT, name, params, {"kind": "demo"}) as parent_id:
         common = [f"data.path={data}", f"train.storage_path={(out / 'ray_results').resolve()}"]
