@@ -136,7 +136,8 @@ def share_teacher(state: dict[str, Any], uri: str, accuracy: float | None) -> Te
 def fetch_teacher(config: dict[str, Any], info: dict[str, Any]) -> tuple[dict[str, Any], str, float | None]:
     """The teacher's checkpoint, checked against the dataset, and its test accuracy; without Ray, so a bad
     ``teacher.source`` is a one-line error before anything starts. Returns ``(state, uri, accuracy)``."""
-    state, uri = teachers.fetch(config["teacher"]["source"], tracking.tracking_uri(config))
+    store = tracking.tracking_uri(config)  # where a registered teacher is looked up
+    state, uri = teachers.fetch(config["teacher"]["source"], store)
     spec = state["model"]
     if spec["num_classes"] != info["num_classes"] or spec["in_channels"] != info["image_shape"][2]:
         raise config_lib.ConfigError(
@@ -147,7 +148,7 @@ def fetch_teacher(config: dict[str, Any], info: dict[str, Any]) -> tuple[dict[st
     except ValueError as e:
         raise config_lib.ConfigError(f"method.name={config['method']['name']} with teacher {uri}: {e}") from None
     accuracy = None
-    recorded = teachers.recorded_accuracy(uri, info["digest"], tracking.tracking_uri(config)) if config["teacher"]["evaluate"] else None
+    recorded = teachers.recorded_accuracy(uri, info["digest"], store) if config["teacher"]["evaluate"] else None
     if recorded is not None:
         # Measured on this very test split (same shard checksums) when it was registered: no second pass.
         accuracy = recorded
