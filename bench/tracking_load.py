@@ -8,7 +8,8 @@ The trials start together (a barrier after their imports). Measured per backend 
 
 - every metric point read back through MLflow's client: lost (a step missing) or doubled (a step twice);
 - the delay from an epoch's end to the return of the call that stored it (median, p99);
-- the most epochs queued in any trial at once, and errors by kind (calls to the server that raised);
+- the most epochs queued in any trial at once, the epoch logger's storing calls, and errors by kind
+  (calls to the server that raised; "slow" for a timeout or a busy answer);
 - how late the trials' epochs ran against their schedule (the client side keeping up, or not);
 - the CPU seconds of the server's processes (MLflow's, and PostgreSQL's) over the load.
 
@@ -48,16 +49,16 @@ def simulated_trial(uri: str, index: int, epochs: int, period_s: float, metrics:
     from pipeline.tracking import epoch_logger
 
     errors: Counter = Counter()
-    log_metrics = tracking.log_metrics
+    log_epochs = tracking.log_epochs
 
     def counted(*args, **kwargs):
         try:
-            return log_metrics(*args, **kwargs)
+            return log_epochs(*args, **kwargs)
         except Exception as e:
-            errors[type(e).__name__] += 1
+            errors["slow" if tracking.is_slow(e) else type(e).__name__] += 1
             raise
 
-    epoch_logger.tracking.log_metrics = counted  # the logger's own calls, counted (this process only)
+    epoch_logger.tracking.log_epochs = counted  # the logger's own calls, counted (this process only)
     for name in ("ray", "torch"):  # a trial's process has both; the run start's version tags import them
         importlib.import_module(name)
     barrier.wait()
@@ -87,7 +88,7 @@ def simulated_trial(uri: str, index: int, epochs: int, period_s: float, metrics:
         mlflow.log_text("x" * 4096, "model/weights.txt")  # a small artifact, into the active run
         tracking.log_metrics(uri, run_id, {"final/test_top1": 50.0 + index}, step=epochs)
     out.put({"run_id": run_id, "delays_s": list(stored.values()), "unstored": sorted(set(ended) - set(stored)),
-             "peak_queue": peak, "errors": dict(errors), "late_s": late})
+             "peak_queue": peak, "errors": dict(errors), "late_s": late, "calls": logger.calls})
 
 
 def server_cpu_s(state: Path) -> float:
@@ -147,6 +148,7 @@ def load(uri: str, trials: int, epochs: int, period_s: float, metrics: int, stat
         "delay_median_s": statistics.median(delays) if delays else None,
         "delay_p99_s": delays[min(len(delays) - 1, int(0.99 * len(delays)))] if delays else None,
         "peak_queue_epochs": max(r["peak_queue"] for r in rows),
+        "storing_calls": sum(r["calls"] for r in rows),
         "errors": dict(sum((Counter(r["errors"]) for r in rows), Counter())),
         "epoch_lateness_p99_s": late[min(len(late) - 1, int(0.99 * len(late)))],
         "server_cpu_s": cpu, "wall_s": wall, "server_cpu_fraction": cpu / wall if wall else None,

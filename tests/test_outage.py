@@ -16,29 +16,36 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import pytest
 
 from pipeline import config, tracking
 from pipeline.tracking import epoch_logger
+from ray_nodes import port_block
+from slow_proxy import DelayingProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "cluster" / "local"
-CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused at once
 
 
-def free_port() -> int:
+@pytest.fixture
+def closed() -> Iterator[str]:
+    """The address of a port this test holds bound without listening: connections are refused at once, and
+    nothing else can take the port while the test runs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 class Server:
-    """The project's MLflow server script, on one port and one state folder, stopped and started again."""
+    """The project's MLflow server script, on one port and one state folder, stopped and started again.
+    The port comes from the tests' allocator, below the ephemeral range where clients' ports are drawn,
+    so it is still free when the server starts again."""
 
     def __init__(self, state: Path) -> None:
-        self.state, self.port = state, free_port()
+        self.state, self.port = state, port_block(span=1)
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
@@ -97,13 +104,15 @@ def assert_every_epoch_once(c, run_id: str, epochs: int) -> None:
 # --- without Ray: the pieces ---------------------------------------------------------------------
 
 
-def test_a_server_that_is_away_fails_fast_and_is_waited_for_until_the_deadline():
-    start = time.monotonic()
+def test_a_server_that_is_away_fails_fast_and_is_waited_for_until_the_deadline(closed, monkeypatch):
+    tries = []
+    monkeypatch.setattr(tracking, "RETRY_EVERY_S", 0.2)
     with pytest.raises(tracking.TrackingUnavailable, match="did not answer"):
-        tracking.when_reachable(CLOSED, "a test", lambda: tracking.client(CLOSED).search_experiments(),
+        # MLflow alone would retry each call for minutes: here each try is one refused connection.
+        tracking.when_reachable(closed, "a test", lambda: tries.append(1) or tracking.client(closed).search_experiments(),
                                 time.monotonic() + 2)
-    assert time.monotonic() - start < 20  # MLflow alone would retry for minutes
-    tracking.unless_away(CLOSED, "a tag", lambda: tracking.client(CLOSED).set_tag("0" * 32, "k", "v"))  # no raise
+    assert len(tries) >= 3  # tried again until the deadline, not once with MLflow's own retries
+    tracking.unless_away(closed, "a tag", lambda: tracking.client(closed).set_tag("0" * 32, "k", "v"))  # no raise
 
 
 def test_a_real_error_is_not_mistaken_for_an_outage(tmp_path):
@@ -112,18 +121,18 @@ def test_a_real_error_is_not_mistaken_for_an_outage(tmp_path):
         tracking.when_reachable(uri, "a test", lambda: tracking.client(uri).get_run("0" * 32), time.monotonic() + 60)
 
 
-def test_epoch_logger_queues_while_away_and_logs_each_epoch_once_when_back(tmp_path):
+def test_epoch_logger_queues_while_away_and_logs_each_epoch_once_when_back(tmp_path, closed):
     from ray.train import Checkpoint
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     c = tracking.client(uri)
     run_id = c.create_run(tracking.experiment_id(c, "outage-unit")).info.run_id
-    logger = epoch_logger.EpochLogger(CLOSED, run_id)
+    logger = epoch_logger.EpochLogger(closed, run_id)
     (tmp_path / "ckpt").mkdir()
-    start = time.monotonic()
     logger.after_report(None, [{"epoch": 0, "loss/total": 2.0}, {"epoch": 0, "loss/total": 9.0}], None)
     logger.after_report(None, [{"epoch": 1, "loss/total": 1.5}], Checkpoint(str(tmp_path / "ckpt")))
-    assert time.monotonic() - start < 20 and sorted(logger.queued) == [0, 1]
+    assert sorted(logger.queued) == [0, 1] and logger.trouble == "away"
+    assert logger.calls == 2  # away (refused at once): tried at every report, no backoff
     assert json.loads((tmp_path / "ckpt" / epoch_logger.UNLOGGED_FILE).read_text())["epochs"] == [0, 1]
     logger.tracking_uri = uri  # the server is back
     logger.after_report(None, [{"epoch": 1, "loss/total": 1.5}], None)  # a repeated report adds nothing
@@ -131,6 +140,81 @@ def test_epoch_logger_queues_while_away_and_logs_each_epoch_once_when_back(tmp_p
     assert not logger.queued
     history = c.get_metric_history(run_id, "loss/total")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(0, 2.0), (1, 1.5), (2, 1.0)]
+
+
+def queued_epochs(epochs: range, metrics: int = 12) -> dict[int, tuple[int, dict[str, float]]]:
+    return {e: (1_000 + e, {f"m{k:02d}": e + k / 100 for k in range(metrics)}) for e in epochs}
+
+
+def test_a_backlog_goes_out_in_order_in_batches_of_whole_epochs(tmp_path, closed, monkeypatch):
+    """While the server is slow, each try sends the oldest epochs that fit one request; once it keeps up,
+    the rest goes in one call (MLflow's client splits it into requests of at most 1,000 metrics)."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = tracking.client(uri)
+    run_id = c.create_run(tracking.experiment_id(c, "outage-batches")).info.run_id
+    now = [0.0]
+    logger = epoch_logger.EpochLogger(uri, run_id, clock=lambda: now[0])
+    logger.queued = queued_epochs(range(200))
+    sent = []
+    real = tracking.log_epochs
+    monkeypatch.setattr(tracking, "log_epochs", lambda u, r, epochs: sent.append(sorted(epochs)) or real(u, r, epochs))
+    logger.slow("a test")
+    assert logger.backoff_s == logger.FIRST_BACKOFF_S
+    logger.flush()
+    assert sent == []  # within the backoff: nothing sent
+    now[0] += logger.backoff_s
+    logger.flush()
+    assert sent == [list(range(83))]  # 83 epochs x 12 metrics = 996 <= 1,000; the oldest first
+    assert logger.trouble is None  # it answered quickly: back to sending everything at each report
+    logger.flush()
+    assert sent[1] == list(range(83, 200)) and not logger.queued
+    for k in (0, 11):
+        history = c.get_metric_history(run_id, f"m{k:02d}")
+        assert sorted(m.step for m in history) == list(range(200)), k
+
+
+def test_a_slow_server_is_backed_off_more_each_time_and_reset_when_it_keeps_up(tmp_path):
+    now = [0.0]
+    logger = epoch_logger.EpochLogger("http://unused", "0" * 32, clock=lambda: now[0])
+    backoffs = []
+    for _ in range(8):
+        logger.slow("a test")
+        backoffs.append(logger.backoff_s)
+    assert backoffs == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert logger.next_try == now[0] + 60.0
+
+
+@pytest.mark.e2e
+def test_a_slow_server_is_not_taken_for_one_that_is_away(server, caplog):
+    """A real MLflow server behind a loopback proxy that holds each answer: while its answers take longer
+    than the request timeout the logger backs off (few calls, metrics queued, "slow" and never "could not
+    log"); once they come in time, the queue drains in order, every epoch stored once, although the
+    server had stored the timed-out batch already."""
+    with DelayingProxy(server.uri) as proxy:
+        c = tracking.client(server.uri)
+        run_id = c.create_run(tracking.experiment_id(c, "slow-server")).info.run_id
+        logger = epoch_logger.EpochLogger(proxy.uri, run_id, timeout_s=1)
+        logger.FIRST_BACKOFF_S = 1.0
+        caplog.set_level("WARNING", logger=epoch_logger.__name__)
+        proxy.delay_s = 3.0  # longer than the 1 s timeout
+        for epoch in range(6):
+            logger.after_report(None, [{"epoch": epoch, "loss/total": 10.0 - epoch}], None)
+            time.sleep(0.1)
+        assert logger.trouble == "slow" and sorted(logger.queued) == list(range(6))
+        assert logger.calls < 6  # backed off: not one timed-out call per report
+        proxy.wait_for_answers()  # the server stored the timed-out batches meanwhile: epoch 0 at least
+        steps = sorted(m.step for m in c.get_metric_history(run_id, "loss/total"))
+        assert steps and steps == list(range(len(steps))), steps  # each once, though some were sent twice
+        proxy.delay_s = 0.0
+        time.sleep(logger.backoff_s)
+        logger.after_report(None, [{"epoch": 6, "loss/total": 4.0}], None)
+        assert not logger.queued and logger.trouble is None
+    history = sorted(c.get_metric_history(run_id, "loss/total"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(e, 10.0 - e) for e in range(7)]  # each once
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("is slow (no answer within 1 s)" in m for m in messages), messages
+    assert any("keeps up again" in m for m in messages), messages
+    assert not any("could not log" in m for m in messages), messages
 
 
 def test_outage_wait_is_checked():

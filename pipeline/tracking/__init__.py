@@ -208,10 +208,18 @@ def tracked_run(
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
     """Log ``metrics`` at ``step``. The store drops a metric identical to one it holds (same key, step,
     value and ``timestamp_ms``), so a batch sent again with its original timestamp is logged once."""
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    log_epochs(uri, run_id, {step: (now, metrics)})
+
+
+def log_epochs(uri: str, run_id: str, epochs: dict[int, tuple[int, dict[str, float]]]) -> None:
+    """Log several steps' metrics in one ``log_batch`` (``step -> (timestamp ms, metrics)``); MLflow's
+    client sends it in requests of at most 1,000 metrics. Sent again after a timeout, the metrics the
+    server had stored are dropped as identical (see :func:`log_metrics`)."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    batch = [Metric(k, float(v), timestamp, step) for step, (timestamp, metrics) in epochs.items()
+             for k, v in metrics.items()]
     client(uri).log_batch(run_id, metrics=batch)
 
 
@@ -290,6 +298,45 @@ def is_outage(error: BaseException) -> bool:
     if isinstance(error, requests.HTTPError):
         return error.response is None or error.response.status_code >= 500
     return isinstance(error, (requests.RequestException, ConnectionError, TimeoutError))
+
+
+BUSY_STATUS_CODES = (429, 503, 504)  # too many requests, unavailable (overloaded), gateway timeout
+
+
+def is_slow(error: BaseException) -> bool:
+    """A server that is there but does not keep up: no answer within the request's timeout, or an answer
+    that says it is busy. Distinct from one that is away (connection refused), where a try costs nothing."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if any(timed_out(e) for e in causes(error)):
+        return True
+    if isinstance(error, MlflowException):
+        return error.get_http_status_code() in BUSY_STATUS_CODES
+    if isinstance(error, requests.HTTPError):
+        return error.response is not None and error.response.status_code in BUSY_STATUS_CODES
+    return False
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and the exceptions it was raised from or during (MLflow wraps what requests raised)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def timed_out(error: BaseException) -> bool:
+    """A request timeout, as requests raises it, or (with retries off) urllib3's timeout inside the
+    ``MaxRetryError`` that requests passes on as a ConnectionError."""
+    import requests
+    import urllib3
+
+    if isinstance(error, (requests.Timeout, urllib3.exceptions.TimeoutError)):
+        return True
+    reasons = [getattr(arg, "reason", None) for arg in getattr(error, "args", ())]
+    return any(isinstance(r, urllib3.exceptions.TimeoutError) for r in reasons)
 
 
 def when_reachable(uri: str, what: str, action: Callable[[], T], deadline: float) -> T:

@@ -6,10 +6,18 @@ resumed run will train again. An epoch redone after restoring an older checkpoin
 second time.
 
 Tracking never stops training: a callback that raises here becomes a controller error, which Ray
-does not retry. While the server is away, each epoch's metrics wait in a queue, with the time they
-were measured, and go out at the next report that finds the server back (one quick try per report,
-no MLflow retries). An epoch still queued at a checkpoint is named in that checkpoint's
-``unlogged_epochs.json``; the driver (or ``stkd log-run`` later) logs it from the checkpoint's history.
+does not retry, and while this callback runs the workers' next report waits (Ray Train's result queue
+holds one). Each epoch's metrics wait in a queue, with the time they were measured, until the server
+takes them, oldest first, several epochs in one ``log_batch``:
+
+- a server that is away (connection refused) costs nothing to try, so the queue is tried at every report;
+- a slow server (no answer within the request's timeout, a "busy" status, or an answer that took more
+  than ``SLOW_CALL_S``) is tried less and less often (a backoff from ``FIRST_BACKOFF_S`` doubling to
+  ``MAX_BACKOFF_S``), one bounded batch at a time, so a backlog does not hold the controller or flood the
+  server; a timed-out batch sent again is stored once (the store drops identical metrics).
+
+An epoch still queued at a checkpoint is named in that checkpoint's ``unlogged_epochs.json``; the driver
+(or ``stkd log-run`` later) logs it from the checkpoint's history.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ray.train import UserCallback
 
@@ -29,11 +37,22 @@ UNLOGGED_FILE = "unlogged_epochs.json"
 
 
 class EpochLogger(UserCallback):
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+    FIRST_BACKOFF_S = 2.0
+    MAX_BACKOFF_S = 60.0
+    SLOW_CALL_S = 2.0
+    # Whole epochs, at most this many metrics, per try while the server is slow: one MLflow request.
+    SLOW_BATCH_METRICS = 1000
+
+    def __init__(self, tracking_uri: str, run_id: str, timeout_s: int = tracking.QUICK_TIMEOUT_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.tracking_uri, self.run_id, self.timeout_s, self.clock = tracking_uri, run_id, timeout_s, clock
         self.logged: set[int] = set()
         self.queued: dict[int, tuple[int, dict[str, float]]] = {}  # epoch -> (timestamp ms, metrics)
-        self.away_since: float | None = None
+        self.trouble: str | None = None  # None, "away" or "slow"
+        self.trouble_since = 0.0
+        self.backoff_s = 0.0
+        self.next_try = 0.0  # clock() value before which a slow server is not tried again
+        self.calls = 0  # storing calls made, answered or not
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         rank0 = metrics[0]
@@ -51,30 +70,68 @@ class EpochLogger(UserCallback):
 
     def set_tags(self, tags: dict[str, str]) -> None:
         try:
-            with tracking.quick_requests():
+            with tracking.quick_requests(self.timeout_s):
                 tracking.set_tags(self.tracking_uri, self.run_id, tags)
         except Exception as e:  # a description of the run, not worth holding training for
             log.warning("MLflow %s: could not set tags %s (%s)", self.tracking_uri, sorted(tags), tracking.first_line(e))
 
     def flush(self) -> None:
-        """Send the queued epochs, oldest first; stop at the first failure and keep the rest."""
-        try:
-            with tracking.quick_requests():
-                for epoch in sorted(self.queued):
-                    timestamp, values = self.queued[epoch]
-                    tracking.log_metrics(self.tracking_uri, self.run_id, values, step=epoch, timestamp_ms=timestamp)
-                    del self.queued[epoch]
-                    self.logged.add(epoch)
-        except Exception as e:  # whatever went wrong, training goes on
-            if self.away_since is None:
-                self.away_since = time.monotonic()
-                log.warning("MLflow %s: could not log epoch metrics (%s); training goes on, the metrics wait for "
-                            "the server", self.tracking_uri, tracking.first_line(e))
+        """Send the queued epochs, oldest first: all of them, or while the server is slow one bounded batch
+        once its backoff has passed; keep what was not taken."""
+        if not self.queued or (self.trouble == "slow" and self.clock() < self.next_try):
             return
-        if self.away_since is not None:
-            log.warning("MLflow %s is back after %.0f s: queued epoch metrics logged", self.tracking_uri,
-                        time.monotonic() - self.away_since)
-            self.away_since = None
+        epochs = self.next_batch() if self.trouble == "slow" else sorted(self.queued)
+        started = self.clock()
+        try:
+            self.calls += 1
+            with tracking.quick_requests(self.timeout_s):
+                tracking.log_epochs(self.tracking_uri, self.run_id, {e: self.queued[e] for e in epochs})
+        except Exception as e:  # whatever went wrong, training goes on
+            self.failed(e)
+            return
+        for epoch in epochs:
+            del self.queued[epoch]
+            self.logged.add(epoch)
+        took = self.clock() - started
+        if took > self.SLOW_CALL_S:
+            self.slow(f"storing {len(epochs)} epoch(s) took {took:.1f} s")
+        elif self.trouble is not None:
+            log.warning("MLflow %s %s after %.0f s: queued epoch metrics logged%s", self.tracking_uri,
+                        "keeps up again" if self.trouble == "slow" else "is back", self.clock() - self.trouble_since,
+                        f", {len(self.queued)} epoch(s) still queued" if self.queued else "")
+            self.trouble, self.backoff_s = None, 0.0
+
+    def next_batch(self) -> list[int]:
+        """The oldest queued epochs whose metrics fit one request (at least one epoch)."""
+        batch, size = [], 0
+        for epoch in sorted(self.queued):
+            size += len(self.queued[epoch][1])
+            if batch and size > self.SLOW_BATCH_METRICS:
+                break
+            batch.append(epoch)
+        return batch
+
+    def failed(self, error: Exception) -> None:
+        if tracking.is_slow(error):
+            timed_out = any(tracking.timed_out(e) for e in tracking.causes(error))
+            self.slow(f"no answer within {self.timeout_s} s" if timed_out else tracking.first_line(error))
+            return
+        if self.trouble is None:
+            self.trouble, self.trouble_since = "away", self.clock()
+            log.warning("MLflow %s: could not log epoch metrics (%s); training goes on, the metrics wait for "
+                        "the server", self.tracking_uri, tracking.first_line(error))
+
+    def slow(self, what: str) -> None:
+        """The server is there but does not keep up: wait longer before each try, send more at once."""
+        self.backoff_s = min(self.MAX_BACKOFF_S, max(self.FIRST_BACKOFF_S, 2 * self.backoff_s))
+        self.next_try = self.clock() + self.backoff_s
+        if self.trouble != "slow":
+            if self.trouble is None:
+                self.trouble_since = self.clock()
+            self.trouble = "slow"
+            log.warning("MLflow %s is slow (%s): training goes on; epoch metrics wait and go out in batches, "
+                        "tried again after %.0f s, then less often while it stays slow", self.tracking_uri, what,
+                        self.backoff_s)
 
     def note_unlogged(self, checkpoint: Any) -> None:
         """Name the still-queued epochs beside the checkpoint, whose history holds their metrics."""
