@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stkd import features
+from stkd.crd import ContrastMemory, ContrastSampler, Embed, nce_loss
 from stkd.feature_losses import HintRegressor, attention_transfer, hint_loss
 from stkd.losses import dkd_loss, kd_loss, mixed_cross_entropy, soft_target_loss, standardize
 from stkd.mixup import mix
@@ -31,6 +32,9 @@ class Method(nn.Module):
     weight_names: tuple[str, ...] = ()
     needs_teacher = True
     needs_architectures = False  # feature-based methods tap named stages of both models (stkd.features)
+    # CRD: training batches carry each image's index in the training set, forward_train(x, y, indices=...), and
+    # the method is built with the label of every training image (train_labels=, in index order).
+    needs_indices = False
 
     def __init__(
         self,
@@ -84,12 +88,23 @@ class Method(nn.Module):
         training wraps each as it wraps the student, and checkpoints carry their state. None by default."""
         return {}
 
+    def kept_modules(self) -> dict[str, nn.Module]:
+        """Modules with state but nothing to optimise (CRD's memory bank), by attribute name: checkpoints carry
+        their state, but they are neither optimised nor wrapped for data-parallel training (DDP refuses a module
+        without trainable parameters, and would broadcast its buffers every step); each keeps itself the same
+        on every worker. None by default."""
+        return {}
+
+    def checkpointed_modules(self) -> dict[str, nn.Module]:
+        """:meth:`own_modules` and :meth:`kept_modules`: what ``own_state_dict`` saves."""
+        return {**self.own_modules(), **self.kept_modules()}
+
     def own_state_dict(self) -> dict[str, Any]:
-        """The state of :meth:`own_modules` (unwrapped), for a checkpoint."""
-        return {name: unwrap(module).state_dict() for name, module in self.own_modules().items()}
+        """The state of :meth:`checkpointed_modules` (unwrapped), for a checkpoint."""
+        return {name: unwrap(module).state_dict() for name, module in self.checkpointed_modules().items()}
 
     def load_own_state_dict(self, state: dict[str, Any]) -> None:
-        for name, module in self.own_modules().items():
+        for name, module in self.checkpointed_modules().items():
             unwrap(module).load_state_dict(state[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,6 +392,78 @@ class FitNet(FeatureMethod):
         }
 
 
+class CRD(FeatureMethod):
+    """Contrastive representation distillation (Tian et al., ICLR 2020) as RepDistiller's ``--distill crd``
+    trains it (``-r 1 -a 0 -b 0.8``): ``ce_weight * CE + crd_weight * (NCE of the student's embedding against
+    the teacher's memory bank + NCE of the teacher's against the student's) [+ kd_weight * KD]``, on the
+    pooled features (``feat[-1]``). The pieces are :mod:`stkd.crd`: two embeddings to ``feat_dim``
+    (:meth:`own_modules`, trained with the student), a memory bank per side with ``nce_momentum``, ``nce_k``
+    negatives of other classes per image, NCE temperature ``nce_t``.
+
+    Each training batch must carry its images' indices in the training set (``needs_indices``:
+    ``forward_train(x, y, indices=...)``), and the method is built with ``train_labels``, the label of every
+    training image in index order (the banks' size and the classes negatives are drawn from), and
+    ``image_shape`` (``(C, H, W)``) to size the embeddings from one probe forward. The banks are
+    :meth:`kept_modules`: checkpointed, never optimised.
+    """
+
+    defaults = {"ce_weight": 1.0, "crd_weight": 0.8, "kd_weight": 0.0, "temperature": 4.0, "feat_dim": 128,
+                "nce_k": 16384, "nce_t": 0.07, "nce_momentum": 0.5}
+    weight_names = ("ce_weight", "crd_weight", "kd_weight")
+    needs_indices = True
+
+    def __init__(self, student, teacher=None, generator=None, *, architectures: tuple[str, str],
+                 unwrapped_student: nn.Module | None = None, image_shape: tuple[int, int, int] | None = None,
+                 train_labels: torch.Tensor | None = None, **hparams):
+        if image_shape is None:
+            raise ValueError("method 'crd' sizes its embeddings from the images: give image_shape=(C, H, W)")
+        if train_labels is None:
+            raise ValueError("method 'crd' keeps a memory bank row per training image and draws negatives from "
+                             "other classes: give train_labels (every training image's label, in index order)")
+        super().__init__(student, teacher, generator, architectures=architectures,
+                         unwrapped_student=unwrapped_student, **hparams)
+        h, raw = self.hparams, unwrapped_student or student
+        device = next(raw.parameters()).device
+        s_dim = features.stage_shapes(raw, architectures[0], image_shape)[features.POOLED][0]
+        t_dim = features.stage_shapes(teacher, architectures[1], image_shape)[features.POOLED][0]
+        self.embed_s = Embed(s_dim, h["feat_dim"]).to(device)
+        self.embed_t = Embed(t_dim, h["feat_dim"]).to(device)
+        self.n_data = len(train_labels)
+        self.memory = ContrastMemory(h["feat_dim"], self.n_data, h["nce_t"], h["nce_momentum"]).to(device)
+        self.sampler = ContrastSampler(train_labels).to(device)
+
+    @classmethod
+    def stages(cls, model_name: str) -> tuple[str, ...]:
+        return (features.POOLED,)
+
+    def term_names(self) -> tuple[str, ...]:
+        return ("ce", "crd", "kd") if self.hparams["kd_weight"] > 0 else ("ce", "crd")
+
+    def own_modules(self) -> dict[str, nn.Module]:
+        return {"embed_s": self.embed_s, "embed_t": self.embed_t}
+
+    def kept_modules(self) -> dict[str, nn.Module]:
+        return {"memory": self.memory}
+
+    def forward_train(self, x, y, indices: torch.Tensor | None = None):
+        if indices is None:
+            raise ValueError("method 'crd' needs each image's index in the training set: "
+                             "forward_train(x, y, indices=...)")
+        h = self.hparams
+        logits = self.student(x)
+        t_logits = self.teacher_logits(x)  # runs the teacher's taps without gradients
+        f_s, f_t = self.student_taps.outputs[features.POOLED], self.teacher_taps.outputs[features.POOLED]
+        contrast = self.sampler.draw(y, indices, h["nce_k"], self.generator)
+        out_s, out_t = self.memory(self.embed_s(f_s), self.embed_t(f_t), indices, contrast)
+        terms = {
+            "ce": h["ce_weight"] * F.cross_entropy(logits.float(), y),
+            "crd": h["crd_weight"] * (nce_loss(out_s, self.n_data) + nce_loss(out_t, self.n_data)),
+        }
+        if h["kd_weight"] > 0:
+            terms["kd"] = h["kd_weight"] * kd_loss(logits, t_logits, h["temperature"])
+        return logits, terms
+
+
 def hint_stage(model_name: str) -> str:
     """The stage FitNet's hint reads (RepDistiller's ``hint_layer`` 2: ``feat[2]``)."""
     return attention_stages(model_name)[1]
@@ -397,7 +484,8 @@ def attention_stages(model_name: str) -> tuple[str, ...]:
 
 # A method in a file of its own is registered by its import path, "module:Class": imported on first use, so
 # that its file can import this module (README, "Adding a method").
-REGISTRY: dict[str, type[Method] | str] = {"ce": CE, "kd": KD, "dkd": DKD, "stkd": STKD, "at": AT, "fitnet": FitNet}
+REGISTRY: dict[str, type[Method] | str] = {"ce": CE, "kd": KD, "dkd": DKD, "stkd": STKD, "at": AT, "fitnet": FitNet,
+                                           "crd": CRD}
 
 
 def names() -> list[str]:
@@ -431,20 +519,24 @@ def create(
     architectures: tuple[str, str] | None = None,
     unwrapped_student: nn.Module | None = None,
     image_shape: tuple[int, int, int] | None = None,
+    train_labels: torch.Tensor | None = None,
     **hparams: Any,
 ) -> Method:
     """Build method ``name`` around ``student`` (and ``teacher``); ValueError on bad hyperparameters.
 
     ``architectures`` (student and teacher zoo names), ``unwrapped_student`` and ``image_shape`` (``(C, H, W)``)
-    reach only the methods that tap features (``needs_architectures``); the others take no notice of them."""
+    reach only the methods that tap features (``needs_architectures``), ``train_labels`` (every training image's
+    label, in the order of the indices its batches carry) only those that need indices (``needs_indices``);
+    the others take no notice of them."""
     cls = method_class(name)
     if not cls.needs_architectures:
         return cls(student, teacher, generator, **hparams)
     if architectures is None:
         raise ValueError(f"method {name!r} taps named stages of both models: give architectures="
                          "(student_name, teacher_name)")
+    indexed = {"train_labels": train_labels} if cls.needs_indices else {}
     return cls(student, teacher, generator, architectures=architectures, unwrapped_student=unwrapped_student,
-               image_shape=image_shape, **hparams)
+               image_shape=image_shape, **indexed, **hparams)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -455,9 +547,11 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-POSITIVE_HPARAMS = ("temperature",)
+POSITIVE_HPARAMS = ("temperature", "nce_t", "feat_dim", "nce_k")
 NON_NEGATIVE_HPARAMS = ("mixup_alpha", "warmup_epochs")  # and every method's loss weights
 CHOICE_HPARAMS = {"teacher_target": TEACHER_TARGETS}
+INTEGER_HPARAMS = ("feat_dim", "nce_k")  # sizes: a tensor dimension, a count of negatives
+UNIT_INTERVAL_HPARAMS = ("nce_momentum",)  # in [0, 1): at 1 the memory bank would never follow the embeddings
 
 
 def check_hparam(cls: type[Method], key: str, value: Any) -> Any:
@@ -475,6 +569,10 @@ def check_hparam(cls: type[Method], key: str, value: Any) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{key} must be a number, got {value!r}")
+    if key in INTEGER_HPARAMS and not isinstance(value, int):
+        raise ValueError(f"{key} must be a whole number, got {value!r}")
+    if key in UNIT_INTERVAL_HPARAMS and not 0 <= value < 1:
+        raise ValueError(f"{key} must be in [0, 1), got {value}")
     if key in POSITIVE_HPARAMS and not value > 0:
         raise ValueError(f"{key} must be > 0, got {value}")
     if (key in NON_NEGATIVE_HPARAMS or key in cls.weight_names) and not value >= 0:

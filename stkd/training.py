@@ -17,11 +17,13 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``forward_train`` (under ``autocast``), the summed loss terms backpropagated, one optimizer
-    step. Returns the student's logits and the weighted loss terms, for logging."""
+    step. Returns the student's logits and the weighted loss terms, for logging. ``indices``: the batch's
+    indices in the training set, for a method that needs them (``Method.needs_indices``, CRD)."""
     with autocast():
-        logits, terms = method.forward_train(x, y)
+        logits, terms = forward_train(method, x, y, indices)
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -36,6 +38,7 @@ def scaled_train_step(
     y: torch.Tensor,
     autocast: Callable[[], ContextManager],
     scaler: torch.amp.GradScaler,
+    indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """:func:`train_step` for fp16: the loss is scaled for the backward pass, the gradients unscaled before
     the optimizer step, and a step whose gradients hold inf/nan is skipped by the scaler. The returned
@@ -46,7 +49,7 @@ def scaled_train_step(
     host), and ``get_scale()`` would add a second wait.
     """
     with autocast():
-        logits, terms = method.forward_train(x, y)
+        logits, terms = forward_train(method, x, y, indices)
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
     scaled = scaler.scale(loss)
@@ -55,6 +58,15 @@ def scaled_train_step(
     scaler.step(optimizer)
     scaler.update()
     return logits, terms, (scaler._scale < scale_before).float()
+
+
+def forward_train(method: Method, x: torch.Tensor, y: torch.Tensor,
+                  indices: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``method.forward_train``, given the batch's indices only when there are some: the methods that need
+    none keep the two-argument signature of the "Adding a method" contract."""
+    if indices is None:
+        return method.forward_train(x, y)
+    return method.forward_train(x, y, indices=indices)
 
 
 def eval_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

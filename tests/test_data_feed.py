@@ -112,3 +112,29 @@ def test_ray_data_round_trip_with_two_workers_exactly_once(ray_session, unique_i
     for r in per_rank:
         assert r["train0_sizes"] == [8, 8, 8] and len(r["train0_carried"]) == 3
         assert r["train1_sizes"] == [8, 8, 8] and len(r["train1_carried"]) == 6  # 3 carried + 27 = 3 x 8 + 6
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("carved", [False, True], ids=["all-rows", "validation-carved"])
+def test_in_memory_feed_indices_exactly_once(unique_images, world, carved):
+    """CRD's indices (with_indices): every training row's index once per epoch across the workers, each index
+    the position of its batch row among the feed's rows, and the same batches as without indices."""
+    images, labels = PreparedDataset.open(unique_images).load_numpy("train")
+    rows = np.flatnonzero(np.arange(len(labels)) % 5 != 0) if carved else None  # every 5th row held out
+    n = len(labels) if rows is None else len(rows)
+    for epoch in range(2):
+        seen, steps = [], []
+        for rank in range(world):
+            feed = InMemoryFeed(images, labels, 16, rank, world, torch.device("cpu"), shuffle=True, seed=1,
+                                rows=rows, with_indices=True)
+            plain = InMemoryFeed(images, labels, 16, rank, world, torch.device("cpu"), shuffle=True, seed=1, rows=rows)
+            by_index = feed.labels_by_index()
+            batches = list(feed.batches(epoch))
+            for (x, y, idx), (px, py) in zip(batches, plain.batches(epoch), strict=True):
+                row = idx.numpy() if rows is None else rows[idx.numpy()]
+                assert torch.equal(x, torch.from_numpy(images[row])) and torch.equal(y, by_index[idx])
+                assert torch.equal(x, px) and torch.equal(y, py), "indices change nothing else"
+            steps.append(len(batches))
+            seen += [i for _, _, idx in batches for i in idx.tolist()]
+        assert sorted(seen) == list(range(n))
+        assert len(set(steps)) == 1, "every worker takes the same number of steps"

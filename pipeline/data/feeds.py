@@ -1,6 +1,9 @@
 """Worker-side batches: uint8 images on the training device, each sample once per epoch across workers.
 
-Two feeds with one interface, ``batches(epoch) -> iterator of (uint8 NHWC tensor, int64 labels)``:
+Two feeds with one interface, ``batches(epoch) -> iterator of (uint8 NHWC tensor, int64 labels)``, and for a
+method that needs each image's index in the training set (CRD), the in-memory training feed adds a third,
+``int64 indices`` (``InMemoryFeed(with_indices=True)``; the streaming feed does not carry them yet, and the
+config check refuses such a method with ``data.in_memory=false`` before Ray starts):
 
 - ``InMemoryFeed`` loads a split into each worker's device memory once (CIFAR train is 150 MB)
   and deals every global batch out across workers, so all workers take the same number of steps.
@@ -79,6 +82,11 @@ class InMemoryFeed:
     validation feeds carved from one train split share its single device copy this way: a boolean-mask
     copy of the whole split (``images[~held_out]``) would double the split in host memory while loading.
     ``images``/``labels`` may be NumPy arrays or tensors already on ``device`` (not copied again).
+
+    ``with_indices`` (for methods with ``needs_indices``, CRD): training batches are ``(images, labels,
+    indices)``, ``indices`` being each row's position among the feed's rows (0 .. ``len(feed) - 1``, the
+    order of :meth:`labels_by_index`), so that a memory bank of one row per training image needs no room for
+    the validation rows held out of it.
     """
 
     def __init__(
@@ -92,8 +100,9 @@ class InMemoryFeed:
         shuffle: bool,
         seed: int = 0,
         rows: np.ndarray | None = None,
+        with_indices: bool = False,
     ) -> None:
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.with_indices = shuffle, seed, with_indices
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.rows = None
         if rows is None and not shuffle:
@@ -126,13 +135,17 @@ class InMemoryFeed:
                     yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
             return
         # Same permutation on every worker (same seed), each takes every world_size-th row of a batch.
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        order = order.to(self.images.device)
-        if self.rows is not None:
-            order = self.rows[order]
+        positions = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        positions = positions.to(self.images.device)
+        order = positions if self.rows is None else self.rows[positions]
         for start, end in global_batch_bounds(n, self.batch_size, self.world_size):
             idx = order[start:end][self.rank::self.world_size]
-            yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
+            batch = self.images.index_select(0, idx), self.labels.index_select(0, idx)
+            yield (*batch, positions[start:end][self.rank::self.world_size]) if self.with_indices else batch
+
+    def labels_by_index(self) -> torch.Tensor:
+        """The label of every row of the feed, by the index ``with_indices`` batches carry."""
+        return self.labels if self.rows is None else self.labels.index_select(0, self.rows)
 
 
 def _on(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -148,15 +148,17 @@ class EpochSums:
 
 
 def train_batch(method: methods.Method, optimizer: torch.optim.Optimizer, transform: InputTransform,
-                images: torch.Tensor, labels: torch.Tensor, amp: precision.Precision, sums: EpochSums) -> None:
+                images: torch.Tensor, labels: torch.Tensor, amp: precision.Precision, sums: EpochSums,
+                indices: torch.Tensor | None = None) -> None:
     """One training step on a uint8 batch already on the device, counted into ``sums``; nothing in it
-    waits for the device (``tests/test_gpu_ready.py`` checks this on CUDA)."""
+    waits for the device (``tests/test_gpu_ready.py`` checks this on CUDA). ``indices``: the batch's indices
+    in the training set, from a feed built ``with_indices`` for a method that needs them (CRD)."""
     x = transform.train_input(images)
     if amp.scaler is None:
-        logits, terms = train_step(method, optimizer, x, labels, amp.autocast)
+        logits, terms = train_step(method, optimizer, x, labels, amp.autocast, indices)
         skipped = None
     else:
-        logits, terms, skipped = scaled_train_step(method, optimizer, x, labels, amp.autocast, amp.scaler)
+        logits, terms, skipped = scaled_train_step(method, optimizer, x, labels, amp.autocast, amp.scaler, indices)
     sums.add(terms, method.train_correct(logits.detach(), labels), len(labels), skipped)
 
 
@@ -171,7 +173,7 @@ def restore(directory: str, student: torch.nn.Module, optimizer: torch.optim.Opt
     """
     state = checkpoint.load(directory, map_location="cpu")
     student.load_state_dict(state["student"])
-    if method is not None and method.own_modules():  # FitNet's regressor: trained with the student
+    if method is not None and method.checkpointed_modules():  # FitNet's regressor, CRD's embeddings and banks
         method.load_own_state_dict(state["method"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -204,6 +206,7 @@ def make_feeds(config, info, rank, world, device):
     autotuner (``cudnn.benchmark``) runs once per shape and picks the fastest convolution algorithms."""
     data, optim, seed = config["data"], config["optim"], config["train"]["seed"]
     val_keys = info.get("val_keys")
+    with_indices = methods.method_class(config["method"]["name"]).needs_indices
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if data["in_memory"]:
@@ -220,10 +223,13 @@ def make_feeds(config, info, rank, world, device):
             val = InMemoryFeed(images, labels, data["eval_batch_size"], rank, world, device, shuffle=False,
                                rows=val_rows)
         train = InMemoryFeed(images, labels, optim["batch_size"], rank, world, device, shuffle=True, seed=seed,
-                             rows=train_rows)
+                             rows=train_rows, with_indices=with_indices)
         del images, labels  # the host arrays go before the test split loads (on a GPU worker)
         test = InMemoryFeed.from_split(dataset, "test", data["eval_batch_size"], rank, world, device, shuffle=False)
         return train, val, test
+    if with_indices:  # the config check refuses this before Ray starts (pipeline.config.check_indices)
+        raise ValueError(f"method {config['method']['name']!r} needs each image's index in the training set, "
+                         "which only the in-memory feed carries: set data.in_memory=true")
     import ray.train
 
     def shard_feed(split, batch_size, shuffle):
@@ -377,13 +383,17 @@ def set_up(ctx: dict[str, Any], rank: int, world: int) -> Worker:
     if train_cfg["compile"]:
         student = torch.compile(student)
     teacher, teacher_name = shared_teacher(ctx.get("teacher_ref"), device, channels_last)
+    # The feeds before the method: CRD's memory bank is sized by, and samples by, the training rows' labels.
+    feeds = make_feeds(config, info, rank, world, device)
 
     hparams = {k: v for k, v in config["method"].items() if k != "name"}
     generators = make_generators(device, seed, rank)
     h, w, c = info["image_shape"]
+    needs_indices = methods.method_class(config["method"]["name"]).needs_indices
+    train_labels = feeds[0].labels_by_index() if needs_indices else None
     method = methods.create(config["method"]["name"], student, teacher, generator=generators["method"],
                             architectures=(spec["name"], teacher_name), unwrapped_student=raw_student,
-                            image_shape=(c, h, w), **hparams)
+                            image_shape=(c, h, w), train_labels=train_labels, **hparams)
     wrap_own_modules(method, functools.partial(ray.train.torch.prepare_model, move_to_device=False))
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
                                 weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"])
@@ -402,7 +412,6 @@ def set_up(ctx: dict[str, Any], rank: int, world: int) -> Worker:
         start_epoch, history, selection_state = state["epoch"] + 1, state["history"], state["selection"]
         log.info("rank %d resumed from epoch %d", rank, state["epoch"])
 
-    feeds = make_feeds(config, info, rank, world, device)
     return Worker(config, rank, world, device, spec, raw_student, method, optimizer, scheduler,
                   InputTransform.from_config(config, info, generators["augment"], channels_last), amp, generators,
                   hardware, feeds, Selection(feeds[1] is not None, selection_state), history, start_epoch,
@@ -438,8 +447,8 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, float]:
     start = time.perf_counter()
     # Every worker takes the same steps (pipeline.data.feeds), so no DDP join, whose shadow all-reduces
     # cannot stand in for SyncBatchNorm's collectives (a worker out of data would hang the others).
-    for images, labels in w.feeds[0].batches(epoch):
-        train_batch(w.method, w.optimizer, w.transform, images, labels, w.amp, sums)
+    for batch in w.feeds[0].batches(epoch):  # (images, labels), and indices for a method that needs them
+        train_batch(w.method, w.optimizer, w.transform, batch[0], batch[1], w.amp, sums, *batch[2:])
     w.scheduler.step()
     if w.device.type == "cuda":
         torch.cuda.synchronize()
