@@ -361,7 +361,6 @@ def check_values(config: dict[str, Any], problems: list[str]) -> None:
     check_schedule(optim, problems)
     check_gpus(train, problems)
     check_data_parallel(config, problems)
-    check_indices(config, problems)
     check_tune(config["tune"], optim, problems)
     fraction = config["data"]["val_fraction"]
     if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and not 0 <= fraction < 1:
@@ -447,15 +446,6 @@ def check_data_parallel(config: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"optim.batch_size: the global batch {batch} does not divide over train.workers={workers}, "
                         f"and the streaming feed (data.in_memory=false) gives every worker the same batch; use "
                         f"{lower} or {upper}")
-
-
-def check_indices(config: dict[str, Any], problems: list[str]) -> None:
-    """A method that needs each image's index in the training set (``needs_indices``: CRD's memory bank) runs
-    only on the in-memory feed, the one that carries them (``pipeline.data.feeds``)."""
-    name = config.get("method", {}).get("name")
-    if name in methods.REGISTRY and methods.method_class(name).needs_indices and config["data"]["in_memory"] is False:
-        problems.append(f"data.in_memory: method {name!r} needs each training image's index in the training set, "
-                        "which only the in-memory feed carries; set data.in_memory=true")
 
 
 def check_tune(tune: dict[str, Any], optim: dict[str, Any], problems: list[str]) -> None:

@@ -419,12 +419,15 @@ def test_data_parallel_ranks_keep_one_memory_bank(tmp_path):
     assert indices.tolist() == [0, 1, 10] and rows.tolist() == [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
 
 
-# --- before Ray -------------------------------------------------------------------------------------------------
+# --- the config ---------------------------------------------------------------------------------------------
 
-def test_crd_without_the_in_memory_feed_is_refused_before_ray(tmp_path):
+@pytest.mark.parametrize("in_memory", ["true", "false"])
+def test_crd_validates_on_both_feeds_with_its_defaults(tmp_path, in_memory):
     from pipeline import config as config_lib
 
-    base = [f"data.path={tmp_path}", "method.name=crd", "teacher.source=some-teacher"]
-    with pytest.raises(config_lib.ConfigError, match="data.in_memory: method 'crd' needs each training image's index"):
-        config_lib.load("test_tiny", base + ["data.in_memory=false"])
-    assert config_lib.load("test_tiny", base)["method"]["crd_weight"] == 0.8
+    cfg = config_lib.load("test_tiny", [f"data.path={tmp_path}", "method.name=crd", "teacher.source=some-teacher",
+                                        f"data.in_memory={in_memory}"])
+    assert cfg["method"] == {"name": "crd", **methods.hparam_defaults("crd")}
+    with pytest.raises(config_lib.ConfigError, match="nce_momentum must be in"):
+        config_lib.load("test_tiny", [f"data.path={tmp_path}", "method.name=crd", "teacher.source=some-teacher",
+                                      "method.nce_momentum=1.5"])

@@ -138,3 +138,124 @@ def test_in_memory_feed_indices_exactly_once(unique_images, world, carved):
             seen += [i for _, _, idx in batches for i in idx.tolist()]
         assert sorted(seen) == list(range(n))
         assert len(set(steps)) == 1, "every worker takes the same number of steps"
+
+
+def carved_rows(ds: PreparedDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, validation positions) of ``ds``'s train split with a 20% validation carve."""
+    from pipeline.data import val_split
+
+    images, labels = ds.load_numpy("train")
+    return images, labels, val_split.carve(images, labels, 0.2, seed=5, class_names=ds.classes).positions
+
+
+def test_the_streaming_index_is_the_in_memory_one(unique_images):
+    """indexed_train's shard reader gives every training row (validation rows dropped) its position among the
+    training rows, the index the in-memory feed gives it; training_labels lists their labels in that order."""
+    import pyarrow as pa
+
+    from pipeline.data.feeds import index_map, read_indexed_shard, training_labels
+    from pipeline.data.dataset import decode_images
+
+    assert index_map(5, np.array([1, 3])).tolist() == [0, -1, 1, -1, 2]
+    ds = PreparedDataset.open(unique_images)
+    images, labels, positions = carved_rows(ds)
+    train_rows = np.setdiff1d(np.arange(len(labels)), positions)
+    offset, tables = 0, []
+    for path, shard in zip(ds.shard_paths("train"), ds.splits["train"]["shards"]):
+        item = pa.table({"path": [path], "offset": [offset]})
+        tables.append(read_indexed_shard(item, positions, len(labels)))
+        offset += shard["rows"]
+    table = pa.concat_tables(tables)
+    index = table.column("index").to_numpy()
+    assert index.tolist() == list(range(len(train_rows))), "every training row once, in the split's order"
+    assert np.array_equal(decode_images(table.column("image"), ds.image_shape), images[train_rows[index]])
+    assert np.array_equal(training_labels(ds, positions), labels[train_rows])
+    assert np.array_equal(training_labels(ds, None), labels)
+
+
+def test_the_streaming_feed_carries_indices_with_their_rows():
+    """RayDataFeed with (images, labels, indices) batches: full batches only, the indices rolled over into the
+    next epoch with their rows."""
+    pytest.importorskip("ray")
+    from pipeline.data.feeds import RayDataFeed
+
+    class IndexedShard:
+        def __init__(self, sizes):
+            self.sizes = sizes
+
+        def iter_torch_batches(self, **kwargs):
+            start = 0
+            for n in self.sizes:
+                rows = torch.arange(start, start + n)
+                start += n
+                yield rows.to(torch.uint8).view(-1, 1, 1, 1), rows % 3, rows
+
+    labels = torch.arange(11) % 3
+    feed = RayDataFeed(IndexedShard([4, 4, 3]), (1, 1, 1), 4, torch.device("cpu"), shuffle=True,
+                       index_labels=labels)
+    seen = []
+    for epoch in range(3):
+        for images, y, indices in feed.batches(epoch):
+            assert len(indices) == 4
+            assert torch.equal(images.view(-1).long(), indices) and torch.equal(y, feed.labels_by_index()[indices])
+            seen += indices.tolist()
+    assert feed.carry is not None and len(feed.carry) == 3 and len(feed.carry[2]) == 1
+    assert len(seen) == 32 and sorted(seen + feed.carry[2].tolist()) == sorted(list(range(11)) * 3)
+
+
+def indexed_probe(ctx):
+    """In each worker: the indices and image digests of the train shard of indexed_train, two epochs."""
+    import ray.train
+
+    from pipeline.data.feeds import RayDataFeed
+
+    rank = ray.train.get_context().get_world_rank()
+    feed = RayDataFeed(ray.train.get_dataset_shard("train"), ctx["shape"], 8, torch.device("cpu"), True, 0)
+    out = {}
+    for epoch in range(2):
+        batches = list(feed.batches(epoch))
+        out[f"indices{epoch}"] = [i for _, _, idx in batches for i in idx.tolist()]
+        out[f"digests{epoch}"] = [d for images, _, _ in batches for d in digest(images)]
+        out[f"carried{epoch}"] = feed.carry[2].tolist() if feed.carry is not None else []
+    Path(ctx["out"], f"rank{rank}.json").write_text(json.dumps(out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_ray_data_indices_exactly_once_per_epoch(ray_session, unique_images, tmp_path, world):
+    """The streaming train split of a method that needs indices (ray_datasets(with_indices=True)): in each epoch
+    every training row's index is trained or carried on by exactly one worker, with its own image."""
+    from ray import cloudpickle
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data.feeds import ray_datasets, split_data_config
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ds = PreparedDataset.open(unique_images)
+    images, labels, positions = carved_rows(ds)
+    train_rows = np.setdiff1d(np.arange(len(labels)), positions)
+    from pipeline.data import val_split
+
+    keys = val_split.carve(images, labels, 0.2, seed=5, class_names=ds.classes).keys
+    datasets = ray_datasets(ds, world, (keys, 5), with_indices=True, val_positions=positions)
+    trainer = TorchTrainer(indexed_probe, train_loop_config={"shape": list(ds.image_shape), "out": str(tmp_path)},
+                           scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": 0.5}),
+                           datasets=datasets, dataset_config=split_data_config())
+    trainer.fit()
+    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    n = len(train_rows)
+    assert n == 54 and n % world == 0, "54 rows split equally: none dropped"
+    by_index = digest(torch.from_numpy(images[train_rows]))
+    carried_before = []
+    for epoch in range(2):
+        trained = [i for r in per_rank for i in r[f"indices{epoch}"]]
+        carried = [i for r in per_rank for i in r[f"carried{epoch}"]]
+        # this epoch's rows: trained now or carried on; the rows carried from the epoch before are trained now too
+        this_epoch = sorted(trained + carried)
+        for i in carried_before:
+            this_epoch.remove(i)
+        assert this_epoch == list(range(n)), epoch
+        for r in per_rank:
+            assert [by_index[i] for i in r[f"indices{epoch}"]] == r[f"digests{epoch}"], "each index with its image"
+        carried_before = carried

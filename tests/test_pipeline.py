@@ -158,6 +158,28 @@ def test_feature_methods_train_through_ddp_on_two_workers(method, term, weight, 
     assert set(own) == ({"regressor"} if method == "fitnet" else set())
 
 
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "streaming"])
+def test_crd_trains_through_ddp_on_two_workers_from_both_feeds(in_memory, teacher_run, mlflow_uri, tiny_overrides):
+    """CRD needs each training image's index: both feeds carry it. The embeddings train data-parallel, and the
+    checkpoint holds the memory banks, a row per training image (validation rows have none), every row the
+    epoch trained moved onto the unit sphere."""
+    cfg = config.load("test_tiny", tiny_overrides + [
+        "method.name=crd", "teacher.source=teacher-test-digits", "optim.epochs=1", "method.nce_k=256",
+        "data.val_fraction=0.1", f"data.in_memory={str(in_memory).lower()}"])
+    outcome = run.train(cfg)
+    r = client(mlflow_uri).get_run(outcome.run_id)
+    assert r.info.status == "FINISHED" and r.data.metrics["loss/crd"] > 0
+    own = checkpoint.load(outcome.checkpoint_path)["method"]
+    assert set(own) == {"embed_s", "embed_t", "memory"}
+    memory, rows = own["memory"], run.dataset_info(cfg, verify=False)["train_rows"]
+    assert memory["student_bank"].shape == memory["teacher_bank"].shape == (rows, 128)
+    assert (memory["normalizers"] > 0).all()
+    updated = ((memory["student_bank"].norm(dim=1) - 1).abs() < 1e-5).sum().item()
+    # In memory: every row once. Streaming: all but the rows carried into the next epoch (under a worker's
+    # batch, on each of 2 workers) and at most one the equal split drops.
+    assert updated == rows if in_memory else rows - 2 * 64 - 1 <= updated < rows
+
+
 def test_a_pair_attention_transfer_cannot_match_is_refused_before_ray(teacher_run, tiny_overrides):
     cfg = config.load("test_tiny", tiny_overrides + ["method.name=at", "teacher.source=teacher-test-digits",
                                                      "model.student=vgg8"])

@@ -1,9 +1,10 @@
 """Worker-side batches: uint8 images on the training device, each sample once per epoch across workers.
 
-Two feeds with one interface, ``batches(epoch) -> iterator of (uint8 NHWC tensor, int64 labels)``, and for a
-method that needs each image's index in the training set (CRD), the in-memory training feed adds a third,
-``int64 indices`` (``InMemoryFeed(with_indices=True)``; the streaming feed does not carry them yet, and the
-config check refuses such a method with ``data.in_memory=false`` before Ray starts):
+Two feeds with one interface, ``batches(epoch) -> iterator of (uint8 NHWC tensor, int64 labels)``; for a
+method that needs each image's index in the training set (CRD), training batches add a third, ``int64
+indices``: the row's position among the training rows (the train split's rows in the order ``load_numpy``
+reads them, without the validation rows), the same on both feeds; ``labels_by_index()`` gives every training
+row's label in that order:
 
 - ``InMemoryFeed`` loads a split into each worker's device memory once (CIFAR train is 150 MB)
   and deals every global batch out across workers, so all workers take the same number of steps.
@@ -163,6 +164,9 @@ def decode_collate(image_shape: tuple[int, int, int]):
         def __call__(self, batch) -> Batch:
             images = decode_images(batch.column("image"), image_shape)
             labels = np.array(batch.column("label").to_numpy(), dtype=np.int64)  # a writable copy (8 B a row)
+            if INDEX in batch.column_names:  # the training split of a method that needs indices (indexed_train)
+                indices = np.array(batch.column(INDEX).to_numpy(), dtype=np.int64)
+                return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(indices)
             return torch.from_numpy(images), torch.from_numpy(labels)
 
     return DecodeImages()
@@ -176,6 +180,9 @@ class RayDataFeed:
     last batch, into a full one (:func:`epoch_steps`). With the equal split of :func:`split_data_config`
     every worker then takes the same steps with the same shapes. Evaluation: every row once, in batches of
     ``batch_size`` and a smaller last one.
+
+    A shard of :func:`indexed_train` gives ``(images, labels, indices)`` batches; ``index_labels`` (from
+    :func:`training_labels`) is then every training row's label by index, for :meth:`labels_by_index`.
     """
 
     def __init__(
@@ -187,11 +194,19 @@ class RayDataFeed:
         shuffle: bool,
         seed: int = 0,
         prefetch_batches: int = 4,
+        index_labels: torch.Tensor | None = None,
     ) -> None:
+        self.index_labels = index_labels
         self.shard, self.image_shape = shard, tuple(image_shape)
         self.batch_size, self.device, self.shuffle, self.seed = batch_size, torch.device(device), shuffle, seed
         self.prefetch_batches = prefetch_batches
-        self.carry: Batch | None = None  # training rows rolled over into the next epoch
+        self.carry: tuple[torch.Tensor, ...] | None = None  # training rows rolled over into the next epoch
+
+    def labels_by_index(self) -> torch.Tensor:
+        """Every training row's label, by the index the batches of an :func:`indexed_train` shard carry."""
+        if self.index_labels is None:
+            raise ValueError("this feed was built without index_labels: its rows carry no indices")
+        return self.index_labels
 
     def _stream(self, epoch: int) -> Iterator[Batch]:
         shuffle_args = {}
@@ -208,27 +223,29 @@ class RayDataFeed:
             yield from self._stream(epoch)
             return
         b = self.batch_size
-        for images, labels in self._stream(epoch):
-            if len(labels) == b:
-                yield images, labels
+        for batch in self._stream(epoch):  # (images, labels) or (images, labels, indices)
+            if len(batch[1]) == b:
+                yield batch
                 continue
             # Only an epoch's last batch is short: join it to the rows carried over (one copy per epoch).
             if self.carry is not None:
-                images, labels = torch.cat([self.carry[0], images]), torch.cat([self.carry[1], labels])
-            if len(labels) >= b:
-                yield images[:b], labels[:b]
-                images, labels = images[b:], labels[b:]
-            self.carry = (images, labels) if len(labels) else None
+                batch = tuple(torch.cat([kept, new]) for kept, new in zip(self.carry, batch))
+            if len(batch[1]) >= b:
+                yield tuple(t[:b] for t in batch)
+                batch = tuple(t[b:] for t in batch)
+            self.carry = batch if len(batch[1]) else None
 
 
 def ray_datasets(dataset: PreparedDataset, world_size: int, val_split: tuple[np.ndarray, int] | None = None,
-                 splits=("train", "test")) -> dict:
+                 splits=("train", "test"), with_indices: bool = False, val_positions: np.ndarray | None = None) -> dict:
     """Ray Data datasets over the Parquet shards, cut into enough blocks that the unequal split of the
     evaluation splits (which deals whole blocks to workers) still gives every worker a near-equal share, and
     that the equal split of ``train`` (:func:`split_data_config`) needs to hold back little to equalize.
 
     ``val_split`` (validation keys, key seed; see :mod:`pipeline.data.val_split`): the train shards are
     read twice, once keeping the training rows as ``train`` and once the held-out rows as ``val``.
+    ``with_indices``: ``train`` is :func:`indexed_train` (``val_positions``: the validation rows' positions,
+    carved on the driver from the same keys).
     """
     import ray.data
 
@@ -242,7 +259,65 @@ def ray_datasets(dataset: PreparedDataset, world_size: int, val_split: tuple[np.
         for name, keep_validation in (("train", False), ("val", True)):
             out[name] = read.map_batches(filter_batch, batch_format="numpy", fn_kwargs={
                 "val_keys": keys, "seed": seed, "keep_validation": keep_validation}).repartition(blocks)
+    if with_indices and "train" in splits:
+        out["train"] = indexed_train(dataset, blocks, val_positions if val_split is not None else None)
     return out
+
+
+INDEX = "index"  # the column indexed_train adds
+
+
+def index_map(rows: int, val_positions: np.ndarray | None) -> np.ndarray:
+    """Each row of the train split's position among the training rows (-1 for a validation row)."""
+    held_out = np.zeros(rows, dtype=bool)
+    if val_positions is not None:
+        held_out[val_positions] = True
+    out = np.full(rows, -1, dtype=np.int64)
+    out[~held_out] = np.arange(int((~held_out).sum()))
+    return out
+
+
+def training_labels(dataset: PreparedDataset, val_positions: np.ndarray | None) -> np.ndarray:
+    """The label of every training row (the train split without ``val_positions``), by its index: the label
+    column alone, read shard by shard in the manifest's order (no image is read)."""
+    import pyarrow.parquet as pq
+
+    labels = np.concatenate([pq.read_table(path, columns=["label"]).column("label").to_numpy()
+                             for path in dataset.shard_paths("train")]).astype(np.int64)
+    return labels[index_map(len(labels), val_positions) >= 0]
+
+
+def read_indexed_shard(batch, val_positions: np.ndarray | None, rows: int):
+    """One ``{"path", "offset"}`` item per call: that train shard's rows with an ``index`` column (see
+    :func:`indexed_train`), the validation rows dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path, offset in zip(batch["path"].to_pylist(), batch["offset"].to_pylist()):
+        table = pq.read_table(path, columns=["image", "label"])
+        index = index_map(rows, val_positions)[offset: offset + table.num_rows]
+        keep = index >= 0
+        tables.append(table.filter(pa.array(keep)).append_column(INDEX, pa.array(index[keep])))
+    return pa.concat_tables(tables)
+
+
+def indexed_train(dataset: PreparedDataset, blocks: int, val_positions: np.ndarray | None = None):
+    """The train split as a Ray dataset whose rows carry their ``index`` among the training rows, for a method
+    that needs it (CRD): the same index the in-memory feed gives each row. A row's position is known only
+    where its whole shard is read in order, so each shard is read by one task (``from_items`` of the
+    shards with their first row's position), not by ``read_parquet``, whose blocks do not say where in a
+    file they start. The validation rows (``val_positions``, carved on the driver) are dropped there."""
+    import ray.data
+
+    paths = dataset.shard_paths("train")
+    sizes = [shard["rows"] for shard in dataset.splits["train"]["shards"]]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    items = [{"path": p, "offset": int(o)} for p, o in zip(paths, offsets)]
+    return (ray.data.from_items(items, override_num_blocks=len(items))
+            .map_batches(read_indexed_shard, batch_size=1, batch_format="pyarrow",
+                         fn_kwargs={"val_positions": val_positions, "rows": dataset.rows("train")})
+            .repartition(blocks))
 
 
 def split_data_config():

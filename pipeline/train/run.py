@@ -180,7 +180,9 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
         dataset = PreparedDataset.open(config["data"]["path"], verify=False)
         info = loop_context["dataset_info"]
         val = (info["val_keys"], config["data"]["val_seed"]) if info["val_keys"] is not None else None
-        datasets = ray_datasets(dataset, train_cfg["workers"], val)
+        with_indices = methods.method_class(config["method"]["name"]).needs_indices  # CRD's memory bank
+        datasets = ray_datasets(dataset, train_cfg["workers"], val, with_indices=with_indices,
+                                val_positions=info["val_positions"])
         data_config = split_data_config()
     storage = storage_dir(config)
     # Ray Train passes these on to its controller; a value the user set wins.

@@ -24,7 +24,7 @@ from pipeline import storage
 from pipeline.data import memory_check
 from pipeline.tracking import system_metrics
 from pipeline.train import checkpoint, teachers as teacher_store
-from pipeline.data.feeds import InMemoryFeed, RayDataFeed, per_worker_batch, sync_bn_pays
+from pipeline.data.feeds import InMemoryFeed, RayDataFeed, per_worker_batch, sync_bn_pays, training_labels
 from pipeline.data.dataset import PreparedDataset
 from stkd import calibration, methods, models, precision
 from stkd.augment import channel_stats, nhwc_to_nchw, normalize, random_crop_flip
@@ -227,17 +227,19 @@ def make_feeds(config, info, rank, world, device):
         del images, labels  # the host arrays go before the test split loads (on a GPU worker)
         test = InMemoryFeed.from_split(dataset, "test", data["eval_batch_size"], rank, world, device, shuffle=False)
         return train, val, test
-    if with_indices:  # the config check refuses this before Ray starts (pipeline.config.check_indices)
-        raise ValueError(f"method {config['method']['name']!r} needs each image's index in the training set, "
-                         "which only the in-memory feed carries: set data.in_memory=true")
     import ray.train
 
-    def shard_feed(split, batch_size, shuffle):
-        return RayDataFeed(ray.train.get_dataset_shard(split), info["image_shape"], batch_size, device, shuffle, seed)
+    def shard_feed(split, batch_size, shuffle, index_labels=None):
+        return RayDataFeed(ray.train.get_dataset_shard(split), info["image_shape"], batch_size, device, shuffle, seed,
+                           index_labels=index_labels)
 
+    index_labels = None
+    if with_indices:  # the train shard's rows carry their index (run.make_trainer: feeds.indexed_train)
+        dataset = PreparedDataset.open(info["path"], verify=False)
+        index_labels = torch.from_numpy(training_labels(dataset, info.get("val_positions"))).to(device)
     # Equal per-worker batches (the config check makes optim.batch_size divide over the workers), equal rows
     # per worker (pipeline.data.feeds.split_data_config): every worker takes the same steps, without DDP's join.
-    train = shard_feed("train", per_worker_batch(optim["batch_size"], world), True)
+    train = shard_feed("train", per_worker_batch(optim["batch_size"], world), True, index_labels)
     val = shard_feed("val", data["eval_batch_size"], False) if val_keys is not None else None
     return train, val, shard_feed("test", data["eval_batch_size"], False)
 
