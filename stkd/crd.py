@@ -67,7 +67,9 @@ def distributed() -> bool:
 def gather_across_ranks(indices: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every rank's ``indices`` and matching ``rows`` (each ``(n, ...)``), concatenated in rank order, on every
     rank; as given without a process group. Ranks may hold different ``n`` (the in-memory feed deals a
-    global batch's last rows unevenly), so the sizes are gathered first and every part padded to the largest."""
+    global batch's last rows unevenly), so the sizes are gathered first and every part padded to the largest.
+    Reading those sizes on the host makes a step with several workers wait once for its forward pass; a single
+    process never comes here."""
     if not distributed():
         return (indices, *rows)
     world = dist.get_world_size()

@@ -299,18 +299,19 @@ def uint8_data(n: int = 40, size: int = 16):
 class Run:
     """A worker's student, CRD method, optimiser and in-memory training feed with indices."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device = CPU):
         from pipeline.data.feeds import InMemoryFeed
         from pipeline.train.worker_loop import InputTransform, build_student, make_generators, make_scheduler
         from pipeline.train import checkpoint
 
         torch.manual_seed(0)
-        self.student = build_student(checkpoint.model_spec("resnet8", 10, 3), CPU, False, sync_bn=False)
+        self.device = device
+        self.student = build_student(checkpoint.model_spec("resnet8", 10, 3), device, False, sync_bn=False)
         torch.manual_seed(100)
-        teacher = models.create("resnet8", 10)
+        teacher = models.create("resnet8", 10).to(device)
         images, labels = uint8_data()
-        self.feed = InMemoryFeed(images, labels, 8, 0, 1, CPU, shuffle=True, seed=0, with_indices=True)
-        self.generators = make_generators(CPU, 0, rank=0)
+        self.feed = InMemoryFeed(images, labels, 8, 0, 1, device, shuffle=True, seed=0, with_indices=True)
+        self.generators = make_generators(device, 0, rank=0)
         self.method = methods.create("crd", self.student, teacher, generator=self.generators["method"],
                                      architectures=("resnet8", "resnet8"), image_shape=(3, 16, 16),
                                      train_labels=self.feed.labels_by_index(), nce_k=16, feat_dim=8)
@@ -321,22 +322,24 @@ class Run:
         self.method.train()
 
     def epoch(self, epoch: int) -> None:
-        from pipeline.train.worker_loop import EpochSums, train_batch
         from stkd.precision import Precision
 
-        sums = EpochSums(self.method.term_names(), CPU)
-        for batch in self.feed.batches(epoch):
-            train_batch(self.method, self.optimizer, self.transform, batch[0], batch[1],
-                        Precision.create("fp32", "cpu"), sums, *batch[2:])
+        self.steps(list(self.feed.batches(epoch)), Precision.create("fp32", self.device.type))
+
+    def steps(self, batches, amp) -> None:
+        from pipeline.train.worker_loop import EpochSums, train_batch
+
+        sums = EpochSums(self.method.term_names(), self.device)
+        for batch in batches:
+            train_batch(self.method, self.optimizer, self.transform, batch[0], batch[1], amp, sums, *batch[2:])
 
     def state(self) -> dict:
+        from pipeline.train import checkpoint
         from pipeline.train.worker_loop import gather_rng_states
 
-        from pipeline.train import checkpoint
-
-        return {"model": checkpoint.model_spec("resnet8", 10, 3), "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": gather_rng_states(self.generators, 1, CPU),
-                "method": self.method.own_state_dict()}
+        return {"model": checkpoint.model_spec("resnet8", 10, 3), "student": self.student.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": gather_rng_states(self.generators, 1, self.device), "method": self.method.own_state_dict()}
 
 
 def test_an_epoch_from_the_in_memory_feed_updates_every_bank_row_once():
@@ -365,6 +368,25 @@ def test_an_interrupted_and_resumed_crd_run_equals_an_uninterrupted_one(tmp_path
         assert torch.equal(getattr(whole.method.memory, key), getattr(resumed.method.memory, key)), key
     for (key, a), b in zip(whole.student.state_dict().items(), resumed.student.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a GPU-only check)")
+def test_a_crd_step_on_cuda_never_waits_for_the_gpu():
+    """One process: sampling, scores, NCE and the banks' update stay on the device (the first step reads Z's
+    state once). Batches are taken from the feed first: its permutation is drawn on the host."""
+    from stkd.precision import Precision
+
+    run = Run(torch.device("cuda"))
+    amp = Precision.create("bf16", "cuda")
+    run.steps(list(run.feed.batches(0))[:1], amp)
+    batches = list(run.feed.batches(1))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run.steps(batches, amp)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(run.method.memory.student_bank).all()
 
 
 # --- several ranks ---------------------------------------------------------------------------------------------
