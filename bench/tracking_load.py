@@ -14,6 +14,7 @@ The trials start together (a barrier after their imports). Measured per backend 
 - the CPU seconds of the server's processes (MLflow's, and PostgreSQL's) over the load.
 
     python bench/tracking_load.py [--trials 4 16 64] [--epochs 20] [--period 1.0] [--backends sqlite postgresql]
+                                  [--result-name tracking_load]
 
 Servers are started with cluster/local/mlflow_server.sh in a fresh state folder each, and stopped by
 cluster/local/stop.sh. Results: bench/results/tracking_load.json.
@@ -42,6 +43,15 @@ EXPERIMENT = "tracking-load"
 
 
 def simulated_trial(uri: str, index: int, epochs: int, period_s: float, metrics: int, barrier, out) -> None:
+    """One trial (see :func:`run_trial`); a trial that raises puts its error in place of its row."""
+    try:
+        run_trial(uri, index, epochs, period_s, metrics, barrier, out)
+    except BaseException as e:
+        out.put({"crashed": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"})
+        raise
+
+
+def run_trial(uri: str, index: int, epochs: int, period_s: float, metrics: int, barrier, out) -> None:
     """One trial: a run, ``epochs`` epoch reports through the epoch logger, an artifact, final metrics."""
     import mlflow
 
@@ -139,10 +149,13 @@ def load(uri: str, trials: int, epochs: int, period_s: float, metrics: int, stat
     cpu, wall = (server_cpu_s(state) if state else 0.0) - cpu_before, time.time() - wall_before
     for p in procs:
         p.join(timeout=60)
+    crashed = Counter(r["crashed"] for r in rows if "crashed" in r)
+    rows = [r for r in rows if "crashed" not in r]
     delays = sorted(d for r in rows for d in r["delays_s"])
     late = sorted(x for r in rows for x in r["late_s"])
     return {
         "trials": trials, "epochs": epochs, "period_s": period_s, "metrics_per_epoch": metrics,
+        "crashed_trials": dict(crashed),
         **points(uri, [r["run_id"] for r in rows], epochs, metrics),
         "never_stored_epochs": sum(len(r["unstored"]) for r in rows),
         "delay_median_s": statistics.median(delays) if delays else None,
@@ -189,6 +202,7 @@ def main() -> None:
     parser.add_argument("--period", type=float, default=1.0, help="seconds between a trial's epochs")
     parser.add_argument("--metrics", type=int, default=12, help="metrics per epoch")
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
+    parser.add_argument("--result-name", default="tracking_load", help="bench/results/<name>.json")
     args = parser.parse_args()
     results = []
     for backend in args.backends:
@@ -197,11 +211,12 @@ def main() -> None:
                 row = {"backend": backend, **load(server.uri, trials, args.epochs, args.period, args.metrics,
                                                   server.state)}
             results.append(row)
-            print(f"{backend:>10} N={trials:<3} lost {row['lost']} doubled {row['doubled']} of {row['expected']}, "
+            print(f"{backend:>10} N={trials:<3} crashed {row['crashed_trials'] or 0}, "
+                  f"lost {row['lost']} doubled {row['doubled']} of {row['expected']}, "
                   f"delay median {row['delay_median_s']:.2f} s p99 {row['delay_p99_s']:.2f} s, "
                   f"peak queue {row['peak_queue_epochs']}, errors {row['errors']}, "
                   f"server CPU {row['server_cpu_fraction']:.2f}", flush=True)
-    common.write_result("tracking_load", {"results": results, "load_average_at_end": os.getloadavg()})
+    common.write_result(args.result_name, {"results": results, "load_average_at_end": os.getloadavg()})
 
 
 if __name__ == "__main__":

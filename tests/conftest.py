@@ -10,6 +10,10 @@ import pytest
 # Ray reads this once, when it is imported, and only from the environment: its 60 s default is too short for
 # a dashboard started on a loaded 2-core machine. The suite's subprocesses and their Ray instances inherit it.
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
+# No usage telemetry from tests. Also: where MLflow 3.17 cannot reach its telemetry endpoint (this machine, an
+# air-gapped cluster), a background thread removes a variable from os.environ at a random moment, and a request
+# reading os.environ at that moment in another thread fails (KeyError; seen in bench/tracking_load.py).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ def bench_module():
 def check_load(load, uri: str, state: Path) -> None:
     row = load.load(uri, trials=4, epochs=5, period_s=0.5, metrics=12, state=state)
     assert row["expected"] == 4 * 5 * 12
+    assert not row["crashed_trials"], row
     assert (row["lost"], row["doubled"], row["unfinished_runs"], row["never_stored_epochs"]) == (0, 0, 0, 0), row
     assert row["delay_median_s"] is not None and row["server_cpu_s"] > 0, row
 

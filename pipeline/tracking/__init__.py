@@ -23,6 +23,10 @@ MAX_PARAM_LENGTH = 6000
 # While the server is away: one quick try (no MLflow retries, a short timeout), then another every few seconds.
 QUICK_TIMEOUT_S = 5
 RETRY_EVERY_S = 5.0
+# How long a run's start waits for a server that does not answer (or a call that failed on the client's
+# side, such as MLflow 3.17's telemetry thread removing its variable from os.environ while a request reads
+# it, seen in bench/tracking_load.py) before the run fails.
+START_WAIT_S = 60.0
 
 T = TypeVar("T")
 
@@ -178,7 +182,9 @@ def tracked_run(
         try:
             params_list = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
             for start in range(0, len(params_list), 100):
-                c.log_batch(run_id, params=params_list[start:start + 100])
+                # Logging a param again with the same value is allowed: a call that failed is simply tried again.
+                when_reachable(uri, "the run's params", lambda: c.log_batch(run_id, params=params_list[start:start + 100]),
+                               time.monotonic() + START_WAIT_S, "a run's start")
             yield run_id
             status = "FINISHED"
         except BaseException as e:
@@ -301,6 +307,9 @@ def is_outage(error: BaseException) -> bool:
 
 
 BUSY_STATUS_CODES = (429, 503, 504)  # too many requests, unavailable (overloaded), gateway timeout
+# SQLAlchemy's error when every connection of the server's pool stayed busy for 30 s (an MLflow server on
+# SQLite under many concurrent trials, bench/tracking_load.py), which MLflow 3.17 answers as BAD_REQUEST.
+POOL_EXHAUSTED = "QueuePool limit of size"
 
 
 def is_slow(error: BaseException) -> bool:
@@ -310,6 +319,8 @@ def is_slow(error: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
     if any(timed_out(e) for e in causes(error)):
+        return True
+    if POOL_EXHAUSTED in str(error):  # MLflow's server answers 400 when its database connections run out
         return True
     if isinstance(error, MlflowException):
         return error.get_http_status_code() in BUSY_STATUS_CODES
@@ -339,9 +350,11 @@ def timed_out(error: BaseException) -> bool:
     return any(isinstance(r, urllib3.exceptions.TimeoutError) for r in reasons)
 
 
-def when_reachable(uri: str, what: str, action: Callable[[], T], deadline: float) -> T:
+def when_reachable(uri: str, what: str, action: Callable[[], T], deadline: float,
+                   limit: str = "mlflow.outage_wait_s") -> T:
     """``action()`` (MLflow calls), tried again every few seconds while the server is away, until
-    ``deadline`` (a ``time.monotonic()`` value); then :class:`TrackingUnavailable`."""
+    ``deadline`` (a ``time.monotonic()`` value); then :class:`TrackingUnavailable`. ``limit`` names what
+    set the deadline, for the message."""
     waiting_since = None
     while True:
         try:
@@ -352,7 +365,7 @@ def when_reachable(uri: str, what: str, action: Callable[[], T], deadline: float
                             time.monotonic() - waiting_since, what)
             return result
         except Exception as e:
-            if not is_outage(e):
+            if not (is_outage(e) or is_slow(e)):
                 raise
             left = deadline - time.monotonic()
             if left <= 0:
@@ -360,7 +373,7 @@ def when_reachable(uri: str, what: str, action: Callable[[], T], deadline: float
             if waiting_since is None:
                 waiting_since = time.monotonic()
                 log.warning("tracking server %s unreachable while logging %s (%s); trying again every %.0f s "
-                            "for up to %.0f s (mlflow.outage_wait_s)", uri, what, first_line(e), RETRY_EVERY_S, left)
+                            "for up to %.0f s (%s)", uri, what, first_line(e), RETRY_EVERY_S, left, limit)
             time.sleep(min(RETRY_EVERY_S, left))
 
 
