@@ -1,4 +1,4 @@
-"""Time per training step of ce, kd, dkd, stkd, at and fitnet (resnet56 -> resnet20, 32x32x3, 10 classes) on the CPU.
+"""Time per training step of ce, kd, dkd, stkd, at, fitnet and crd (resnet56 -> resnet20, 32x32x3, 10 classes) on the CPU.
 
 A step is ``method.forward_train`` + ``backward`` + ``SGD.step``, on a fixed random normalized
 batch (the cost does not depend on the pixels). Methods are timed interleaved: every round runs a
@@ -43,7 +43,9 @@ VARIANTS = {
     "stkd_clean_kd": ("stkd", {"clean_kd_weight": 0.5}),  # extra teacher pass + student on 2x batch
     "at": ("at", {}),  # hooks on three stages of each model, attention maps
     "fitnet": ("fitnet", {}),  # hooks, and a regressor trained beside the student
+    "crd": ("crd", {}),  # two embeddings, memory banks of CRD_TRAIN_IMAGES rows, 16,384 negatives per image
 }
+CRD_TRAIN_IMAGES = 50_000  # CIFAR's train split: the banks' size, and the pool negatives are drawn from
 
 
 def build(variant: str, teacher: torch.nn.Module, device: torch.device, channels_last: bool, seed: int = 0):
@@ -52,9 +54,12 @@ def build(variant: str, teacher: torch.nn.Module, device: torch.device, channels
     student = models.create("resnet20", 10).to(device)
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
+    extra = {}
+    if methods.method_class(name).needs_indices:
+        extra["train_labels"] = torch.arange(CRD_TRAIN_IMAGES, device=device) % 10
     method = methods.create(name, student, None if name == "ce" else teacher,
                             generator=torch.Generator(device=device).manual_seed(seed),
-                            architectures=("resnet20", "resnet56"), image_shape=(3, 32, 32), **hparams)
+                            architectures=("resnet20", "resnet56"), image_shape=(3, 32, 32), **extra, **hparams)
     method.train()
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     return method, optimizer
@@ -64,10 +69,12 @@ PRECISIONS = ("fp32", "fp32_cl", "bf16", "bf16_cl", "fp16", "fp16_cl")
 
 
 def step(method, optimizer, x, y, amp: Precision) -> None:
+    # A batch's images at the start of the training set, for a method that needs their indices (CRD).
+    indices = torch.arange(len(y), device=y.device) if method.needs_indices else None
     if amp.scaler is None:
-        train_step(method, optimizer, x, y, amp.autocast)
+        train_step(method, optimizer, x, y, amp.autocast, indices)
     else:
-        scaled_train_step(method, optimizer, x, y, amp.autocast, amp.scaler)
+        scaled_train_step(method, optimizer, x, y, amp.autocast, amp.scaler, indices)
 
 
 def main() -> None:

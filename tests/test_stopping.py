@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import stopping
+from pipeline import cli, stopping
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,10 +171,14 @@ def test_a_stopped_run_ends_killed_and_the_same_command_continues_the_same_run(r
     assert f"epoch {stopped_after:2d}/{epochs}" not in second, "a checkpointed epoch was trained again"
     assert c.get_run(run.info.run_id).info.status == "KILLED"
 
-    third = subprocess.run([sys.executable, "-m", "pipeline", *again], cwd=tmp_path, capture_output=True, text=True,
-                           env={**os.environ, "MLFLOW_TRACKING_URI": uri,
-                                "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}, timeout=600)
+    # The third attempt with `stkd -v` (README: Ray Train's own INFO lines on the console too).
+    shell = {k: v for k, v in os.environ.items() if k not in cli.QUIET_ENV}  # as a user's shell has it
+    third = subprocess.run([sys.executable, "-m", "pipeline", "-v", *again], cwd=tmp_path, capture_output=True,
+                           text=True, env={**shell, "MLFLOW_TRACKING_URI": uri,
+                                           "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}, timeout=600)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
+    assert "Reporting training result" in third.stdout + third.stderr, "stkd -v shows Ray Train's INFO lines"
+    assert "Reporting training result" not in first + second, "without -v they stay in Ray's log files"
     runs = c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id])
     assert [r.info.run_id for r in runs] == [run.info.run_id], "one MLflow run across the three attempts"
     finished = runs[0]

@@ -87,18 +87,24 @@ def test_the_table_gives_each_method_its_mean_and_std_over_seeds(tmp_path, tiny_
 
 
 @pytest.mark.slow
+FEATURE_STUDY_METHODS = ("ce", "kd", "at", "fitnet", "crd")
+
+
 def test_study_runs_the_grid_writes_the_table_and_resumes(teacher_run, tiny_overrides, mlflow_uri, tmp_path,
                                                           monkeypatch):
     puts = []
     original = teachers.put
     monkeypatch.setattr(teachers, "put", lambda state: puts.append(1) or original(state))
-    loaded = study.load_study(write_spec(tmp_path, seeds="[1]"), tiny_overrides)
+    # The logit baselines and the feature methods (issue 22: a digits study with kd, fitnet, at and crd).
+    methods = "".join(f"  {m}: {{name: {m}}}\n" for m in FEATURE_STUDY_METHODS)
+    loaded = study.load_study(write_spec(tmp_path, methods=methods, seeds="[1]"), tiny_overrides)
     summary = study.run_study(loaded)
     assert len(puts) == 1, "the pair's teacher was put into the object store once"
-    assert not summary["errors"] and len(summary["rows"]) == 2
-    assert sorted((r["method"], r["seed"]) for r in summary["rows"]) == [("ce", 1), ("kd", 1)]
+    assert not summary["errors"] and len(summary["rows"]) == len(FEATURE_STUDY_METHODS)
+    assert sorted((r["method"], r["seed"]) for r in summary["rows"]) == sorted((m, 1) for m in FEATURE_STUDY_METHODS)
     table = {row["method"]: row for row in summary["table"]}
-    assert set(table) == {"teacher resnet8", "ce", "kd"} and table["kd"]["n"] == 1
+    assert set(table) == {"teacher resnet8", *FEATURE_STUDY_METHODS} and table["kd"]["n"] == 1
+    assert all(0 < r["test_top1_selected"] <= 100 for r in summary["rows"])
     kd_selected = [r["test_top1_selected"] for r in summary["rows"] if r["method"] == "kd"]
     assert table["kd"]["selected"][0] == pytest.approx(kd_selected[0])
     assert "| pair | kd | 1 |" in summary["text"]
@@ -108,15 +114,15 @@ def test_study_runs_the_grid_writes_the_table_and_resumes(teacher_run, tiny_over
     assert {"study_table.md", "study_plot.png", "study_runs.csv", "study_summary.json"} <= artifacts
     children = c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id],
                              f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
-    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
-    assert {r.data.tags["variant"] for r in children} == {"ce", "kd"}
+    assert len(children) == len(FEATURE_STUDY_METHODS) and all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.tags["variant"] for r in children} == set(FEATURE_STUDY_METHODS)
     assert all(int(r.data.tags["val_rows"]) > 0 for r in children)
 
     again = study.run_study(loaded, name=summary["name"], resume=True)
     assert again["parent_run_id"] == summary["parent_run_id"]
     children = c.search_runs([c.get_experiment_by_name("stkd-tests").experiment_id],
                              f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
-    assert len(children) == 2, "no finished run ran again"
+    assert len(children) == len(FEATURE_STUDY_METHODS), "no finished run ran again"
     assert sorted(r["test_top1_selected"] for r in again["rows"]) == sorted(
         r["test_top1_selected"] for r in summary["rows"])
 
