@@ -344,10 +344,13 @@ def timed_out(error: BaseException) -> bool:
     import requests
     import urllib3
 
-    if isinstance(error, (requests.Timeout, urllib3.exceptions.TimeoutError)):
-        return True
+    def is_timeout(e: object) -> bool:
+        # urllib3 makes a refused connection (NewConnectionError) a ConnectTimeoutError too, for old callers.
+        return isinstance(e, requests.Timeout) or (isinstance(e, urllib3.exceptions.TimeoutError)
+                                                   and not isinstance(e, urllib3.exceptions.NewConnectionError))
+
     reasons = [getattr(arg, "reason", None) for arg in getattr(error, "args", ())]
-    return any(isinstance(r, urllib3.exceptions.TimeoutError) for r in reasons)
+    return is_timeout(error) or any(is_timeout(r) for r in reasons)
 
 
 def when_reachable(uri: str, what: str, action: Callable[[], T], deadline: float,
