@@ -86,10 +86,10 @@ def test_the_table_gives_each_method_its_mean_and_std_over_seeds(tmp_path, tiny_
     assert f"| {pair} | kd | 2 | 70.50 ± 0.71 | 69.50 ± 0.71 | 72.50 ± 0.71 | 3.12 ± 0.00 |" in text
 
 
-@pytest.mark.slow
 FEATURE_STUDY_METHODS = ("ce", "kd", "at", "fitnet", "crd")
 
 
+@pytest.mark.slow
 def test_study_runs_the_grid_writes_the_table_and_resumes(teacher_run, tiny_overrides, mlflow_uri, tmp_path,
                                                           monkeypatch):
     puts = []
