@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 # Every test file with a test that needs CUDA (tests/test_gpu_check.py checks the list is complete).
 GPU_TEST_FILES = ["tests/test_gpu_ready.py", "tests/test_methods.py", "tests/test_precision.py",
-                  "tests/test_models.py", "tests/test_calibration.py", "tests/test_multi_gpu_path.py"]
+                  "tests/test_models.py", "tests/test_calibration.py", "tests/test_multi_gpu_path.py",
+                  "tests/test_crd.py"]
 CIFAR_CANDIDATES = [ROOT / ".cifar" / "cifar10-jpg.tar.gz", common.CIFAR_TARBALL]
 
 

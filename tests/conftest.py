@@ -165,3 +165,16 @@ def another_ray():
     except subprocess.TimeoutExpired:
         other.kill()
         other.wait()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: tiny CPU models only wait on a second OpenMP thread when the
+    2-core machine is busy (several seconds a step at load 18, about 9x slower than one thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

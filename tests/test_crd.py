@@ -12,17 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stkd import crd, methods, models
+from test_feature_methods import Wrapper  # stands in for DDP
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny CPU models: a second OpenMP thread only waits on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- the pieces, by hand --------------------------------------------------------------------------------------
@@ -252,15 +247,6 @@ def test_the_published_settings_are_the_defaults():
                                               "nce_momentum": 0.5}
 
 
-class Wrapper(nn.Module):
-    """Stands in for DDP: the forward goes through it, the parameters live in ``module``."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x):
-        return self.module(x)
 
 
 def test_the_banks_and_embeddings_go_through_a_checkpoint_and_out_of_a_wrapper(batch, tmp_path):

@@ -26,13 +26,7 @@ OPTIM = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False, "e
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a GPU-only check)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny CPU models: a second OpenMP thread only waits on a busy machine (seconds per step at load 18).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def uint8_batches(count: int, n: int = 8, size: int = 16, classes: int = 10, seed: int = 0):
