@@ -123,8 +123,8 @@ def log_the_same_dataset(uri: str, folder: str, barrier, out) -> None:
 def test_runs_logging_the_same_new_dataset_at_once_all_get_it(tmp_path):
     """MLflow's SQL store looks a dataset up and then inserts it, so the first trials of a sweep, logging one
     new dataset at the same moment, can collide on its unique key (test_stopping's study once did). Six
-    processes at a barrier: without the retry in log_dataset, 2 of 6 such rounds failed here (/tmp/race.py
-    in the note of the stop that added it), so this catches its removal about one run in three."""
+    processes at a barrier: without the retry in log_dataset, 2 of 6 such rounds (the same processes, calling
+    mlflow.log_input directly) failed here, so this catches its removal about one run in three."""
     import multiprocessing
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
