@@ -411,6 +411,9 @@ def crd_on_ranks(rank: int, world: int, store: str, out: str) -> None:
         parts = crd.gather_across_ranks(torch.arange(2 - rank) + 10 * rank, torch.full((2 - rank, 2), float(rank)))
         if rank == 0:
             torch.save({"banks": gathered, "gather": parts}, out)
+        # Both ranks leave together: a rank that tears its gloo pairs down while the other still uses them can
+        # abort ("terminate called without an active exception", seen once in a full suite run).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
