@@ -306,10 +306,13 @@ def quick_requests(timeout_s: int = QUICK_TIMEOUT_S) -> Iterator[None]:
 
 def is_outage(error: BaseException) -> bool:
     """A failure that waiting may cure: no connection, a timeout, a 5xx answer (a server restarting, a
-    proxy without its backend). A 4xx answer is a real error and is not waited on."""
+    proxy without its backend), a server too busy to answer (:func:`is_slow`, including its 400 when its
+    database connections ran out). Any other 4xx answer is a real error and is not waited on."""
     import requests
     from mlflow.exceptions import MlflowException
 
+    if is_slow(error):  # a server too busy to answer in time is waited for like one that is away
+        return True
     if isinstance(error, MlflowException):
         return error.get_http_status_code() >= 500
     if isinstance(error, requests.HTTPError):
@@ -379,7 +382,7 @@ def when_reachable(uri: str, what: str, action: Callable[[], T], deadline: float
                             time.monotonic() - waiting_since, what)
             return result
         except Exception as e:
-            if not (is_outage(e) or is_slow(e)):
+            if not is_outage(e):
                 raise
             left = deadline - time.monotonic()
             if left <= 0:
