@@ -167,6 +167,28 @@ def another_ray():
         other.wait()
 
 
+@pytest.fixture(scope="session")
+def s3_env():
+    """moto's S3 server on loopback, in a thread of this process, with a bucket, and the AWS variables a user
+    would set to point clients at it. The server binds port 0 and the OS picks the port as it binds, so no
+    other process can take it between a check and the bind."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    from s3_store import BUCKET, client
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    variables = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        client(variables).create_bucket(Bucket=BUCKET)
+        yield variables
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op torch thread for the test: tiny CPU models only wait on a second OpenMP thread when the

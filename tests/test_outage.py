@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +25,7 @@ import pytest
 from pipeline import config, tracking
 from pipeline.tracking import epoch_logger
 from ray_nodes import port_block
+from s3_store import BUCKET as S3_BUCKET, keys as s3_keys
 from slow_proxy import DelayingProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,20 +58,38 @@ class Server:
         subprocess.run([str(LOCAL / "stop.sh"), "--mlflow-only", "--state", str(self.state)], check=True,
                        capture_output=True, timeout=60)
 
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def module_server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("mlflow-state"))
     s.start()
     yield s
     s.stop()
 
 
-def stkd(args: list[str], server: Server, ray_session, log: Path) -> subprocess.Popen:
-    """A ``stkd`` command as a user runs it, on the session's Ray, logging to ``server``."""
+@pytest.fixture
+def server(module_server):
+    """The module's server, answering when each test starts: a test that failed while it was stopped leaves
+    the next test a server, not a cascade of failures."""
+    if not module_server.answers():
+        module_server.stop()  # whatever is left of it, by its recorded PID
+        module_server.start()
+    return module_server
+
+
+def stkd(args: list[str], server: Server, ray_session, log: Path, **extra_env: str) -> subprocess.Popen:
+    """A ``stkd`` command as a user runs it, on the session's Ray (unless ``extra_env`` names another RAY_ADDRESS),
+    logging to ``server``."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
            # MLflow's own retries: about 3 s instead of about 4 minutes, so a 15 s outage outlasts them.
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", **extra_env}
     return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=log.parent, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
@@ -258,13 +278,19 @@ def test_server_away_mid_run_and_back(server, ray_session, digits, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_server_that_never_returns_then_stkd_log_run(server, ray_session, digits, tmp_path):
+def test_server_that_never_returns_then_stkd_log_run(server, ray_session, s3_env, digits, tmp_path):
     """The end of the run gives up after mlflow.outage_wait_s, says what was not logged and how to log it;
-    that command logs it into the same run once the server is back."""
+    that command logs it into the same run once the server is back. The run's storage is on S3 (README:
+    `stkd teacher` checkpoints and `stkd log-run` take an s3:// storage path): the checkpoint and the record
+    of what was not logged are read back from there."""
     epochs, log = 10, tmp_path / "job.log"  # room for the stop to land before the end on a fast machine
-    job = stkd(["teacher", "--recipe", "test_tiny", f"data.path={digits}", f"train.storage_path={tmp_path / 'runs'}",
+    storage = f"s3://{S3_BUCKET}/outage-runs"
+    # Its own Ray (RAY_ADDRESS=local), which inherits the AWS variables: the session's Ray workers have none, as
+    # a cluster's nodes would have their own (an IAM role) rather than the submitting shell's.
+    s3 = {**s3_env, "RAY_ADDRESS": "local"}
+    job = stkd(["teacher", "--recipe", "test_tiny", f"data.path={digits}", f"train.storage_path={storage}",
                 f"optim.epochs={epochs}", "mlflow.experiment=outage-never", "mlflow.register_as=outage-never",
-                "mlflow.outage_wait_s=3"], server, ray_session, log)
+                "mlflow.outage_wait_s=3"], server, ray_session, log, **s3)
     try:
         wait_for_epoch(job, log, 1, epochs)
         server.stop()
@@ -279,12 +305,14 @@ def test_server_that_never_returns_then_stkd_log_run(server, ray_session, digits
     assert "recipe.yaml, learning_curve.png and the model (to be registered as outage-never)" in text
     assert "the status FINISHED" in text
     checkpoint_path = re.search(r"log it once the server answers: stkd log-run (\S+)", text).group(1)
-    assert Path(checkpoint_path, "checkpoint.pt").is_file()  # the trained model is kept
+    assert checkpoint_path.startswith(f"{storage}/")
+    kept = s3_keys(s3_env, checkpoint_path.removeprefix(f"s3://{S3_BUCKET}/"))
+    assert any(k.endswith("/checkpoint.pt") for k in kept), kept  # the trained model is kept, on S3
 
     server.start()
     c, run = run_of(server.uri, "outage-never")
     assert run.info.status != "FINISHED" and "final/test_top1_selected" not in run.data.metrics
-    later = stkd(["log-run", checkpoint_path], server, ray_session, tmp_path / "later.log")
+    later = stkd(["log-run", checkpoint_path], server, ray_session, tmp_path / "later.log", **s3)
     assert later.wait(timeout=120) == 0, (tmp_path / "later.log").read_text()[-3000:]
     assert "logged the metrics of epochs" in (tmp_path / "later.log").read_text()
     run = c.get_run(run.info.run_id)
@@ -293,5 +321,5 @@ def test_server_that_never_returns_then_stkd_log_run(server, ray_session, digits
     assert "final/test_top1_selected" in run.data.metrics and run.data.tags["selected_by"] == "last epoch"
     assert {"recipe.yaml", "learning_curve.png"} <= {a.path for a in c.list_artifacts(run.info.run_id)}
     assert c.search_model_versions("name='outage-never'")
-    again = stkd(["log-run", checkpoint_path], server, ray_session, tmp_path / "again.log")
+    again = stkd(["log-run", checkpoint_path], server, ray_session, tmp_path / "again.log", **s3)
     assert again.wait(timeout=120) == 0 and "nothing left to log" in (tmp_path / "again.log").read_text()

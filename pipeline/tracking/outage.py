@@ -38,24 +38,24 @@ LOG_STEPS = ("epochs", "final", "artifacts", "status")
 RUN_FILE = "mlflow_run.json"  # beside the final checkpoint: what ``stkd log-run`` needs, and what is still pending
 
 
-def finish_logging(record: dict[str, Any], state: dict[str, Any], wait_s: float, filesystem, path: str) -> str | None:
+def finish_logging(record: dict[str, Any], state: dict[str, Any], wait_s: float, path: str) -> str | None:
     """Log the end of a run (the epochs the controller could not log, final metrics and tags, artifacts
     and model, status FINISHED), waiting up to ``wait_s`` for a tracking server that is away.
 
-    ``record`` (written beside the checkpoint at ``path`` before the first step and after the last)
-    says which steps are pending. Returns the model URI when this call logged the model. Raises
+    ``record`` (written beside the checkpoint at ``path``, a local path or a URI such as ``s3://...``, before
+    the first step and after the last) says which steps are pending. Returns the model URI when this call logged the model. Raises
     :class:`tracking.TrackingIncomplete` saying what was not logged and how to log it later.
     """
     uri, run_id = record["tracking_uri"], record["run_id"]
     deadline = time.monotonic() + wait_s
-    write_json(filesystem, f"{path}/{RUN_FILE}", record)
+    write_json(f"{path}/{RUN_FILE}", record)
     model_uri = None
     for step in list(record["pending"]):
         try:
             done = tracking.when_reachable(uri, describe_step(step, record), lambda: log_step(step, record, state),
                                            deadline)
         except tracking.TrackingUnavailable as e:
-            write_json(filesystem, f"{path}/{RUN_FILE}", record)
+            write_json(f"{path}/{RUN_FILE}", record)
             missing = "; ".join(describe_step(s, record) for s in record["pending"])
             raise tracking.TrackingIncomplete(
                 f"the model is trained, but MLflow at {uri} did not answer for {wait_s:.0f} s "
@@ -66,7 +66,7 @@ def finish_logging(record: dict[str, Any], state: dict[str, Any], wait_s: float,
         record["pending"].remove(step)
         if step == "artifacts":
             model_uri = done
-    write_json(filesystem, f"{path}/{RUN_FILE}", record)
+    write_json(f"{path}/{RUN_FILE}", record)
     return model_uri
 
 
@@ -133,7 +133,7 @@ def log_later(path: str, wait_s: float) -> tuple[dict[str, Any], list[str], str 
         return record, [], None
     with tracking.using(record["tracking_uri"]):  # the artifacts step reopens the run as the active run
         try:
-            model_uri = finish_logging(record, state, wait_s, ckpt.filesystem, ckpt.path)
+            model_uri = finish_logging(record, state, wait_s, storage.absolute(path))
         finally:
             if mlflow.active_run() is not None:  # opened (status RUNNING) by the artifacts step
                 status = "FAILED" if record["pending"] else "FINISHED"
@@ -146,9 +146,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_json(filesystem, path: str, data: dict[str, Any]) -> None:
-    with filesystem.open_output_stream(path) as f:
-        f.write(json.dumps(data, indent=1, default=str).encode())
+def write_json(path: str, data: dict[str, Any]) -> None:
+    storage.write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def log_artifacts(config: dict[str, Any], state: dict[str, Any], run_name: str, image_shape: list[int],

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 
@@ -259,15 +259,17 @@ def train(
         with result.checkpoint.as_directory() as directory:
             state = checkpoint.load(directory)
             unlogged = outage.read_json(Path(directory) / UNLOGGED_FILE) or {"epochs": []}
+        # Where the checkpoint is, as the user names storage: Ray's path has no scheme (s3://) on a remote file system.
+        checkpoint_path = f"{run_dir}/{PurePosixPath(result.checkpoint.path).name}"
         if state.get("stopped"):
-            stopped_early(uri, run_id, state, unlogged["epochs"], config["optim"]["epochs"], result.checkpoint.path,
+            stopped_early(uri, run_id, state, unlogged["epochs"], config["optim"]["epochs"], checkpoint_path,
                           continue_with)
-        outcome = outcome_of(state, info, run_id, run_name, wall, result.checkpoint.path)
+        outcome = outcome_of(state, info, run_id, run_name, wall, checkpoint_path)
         log.info("run %s trained: checkpoint %s", run_name, outcome.checkpoint_path)
         record = end_record(uri, run_id, run_name, config, info, outcome, state, unlogged["epochs"])
         with phases.time("finish"):
             outcome.model_uri = outage.finish_logging(record, state, config["mlflow"]["outage_wait_s"],
-                                                      result.checkpoint.filesystem, result.checkpoint.path)
+                                                      checkpoint_path)
         ending = time.perf_counter()
     phases.add("mlflow_end", time.perf_counter() - ending)
     phases.add("total", time.perf_counter() - called)
