@@ -12,7 +12,9 @@ def pin_cluster_address() -> None:
     API whether its controller still lives without saying which cluster it means; the API then looks
     for the one Ray instance on the machine and raises when it finds several (a second local Ray, a
     test suite's), the cleaner's thread dies, and every trial Tune stops leaves its workers' placement
-    group behind, holding CPUs until the sweep starves. An address the user set is kept."""
+    group behind, holding CPUs until the sweep starves. An address the user set is kept; ``local`` and
+    ``auto`` name no cluster (a new one, whichever is running), so they are replaced like no address."""
     import ray
 
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if os.environ.get("RAY_ADDRESS", "").strip() in ("", "local", "auto"):
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
