@@ -10,8 +10,11 @@ import yaml
 from pipeline import config
 from pipeline.sweep import space, search, trials
 from pipeline.train import run, teachers
+from stkd import methods
 
 pytestmark = pytest.mark.slow
+
+RECIPE_KD = ["method.ce_weight=0.3", "method.kd_weight=0.7", "method.standardize=true"]
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +22,9 @@ def sweep_result(teacher_run, tiny_overrides, monkeypatch_module, another_ray):
     puts = []
     original = teachers.put
     monkeypatch_module.setattr(teachers, "put", lambda state: puts.append(1) or original(state))
-    base = config.load("test_tiny", tiny_overrides + ["method.name=stkd", "teacher.source=teacher-test-digits",
+    # The recipe's method is KD, with weights of its own; the space's is STKD (README: hyperparameters follow
+    # the method): the trials run STKD from its own defaults, nothing of the recipe's KD section carried over.
+    base = config.load("test_tiny", tiny_overrides + ["method.name=kd", *RECIPE_KD, "teacher.source=teacher-test-digits",
                                                       "optim.epochs=2", "name=test-sweep"])
     summary = search.sweep(base, space.load_space("demo"), samples=4, scheduler="asha")
     return summary, puts, base
@@ -48,6 +53,11 @@ def test_sweep_logs_nested_runs_and_ends_every_run(sweep_result, mlflow_uri):
         if r.info.status == "KILLED":
             assert "stopped early by the scheduler (asha" in r.data.tags["end_reason"]
         assert {"method.temperature", "method.mixup_alpha"} <= set(r.data.params)
+        stkd_defaults = methods.hparam_defaults("stkd")
+        assert r.data.params["method.name"] == "stkd"
+        followed = ("ce_weight", "kd_weight", "standardize", "teacher_target")
+        assert {k: r.data.params[f"method.{k}"] for k in followed} == {k: str(stkd_defaults[k]) for k in followed}, \
+            "STKD's own defaults, not the recipe's KD weights"
         assert c.get_metric_history(r.info.run_id, "test/top1")
         # The recipe had no validation split: the sweep carved one, and every epoch reports on it.
         assert r.data.params["data.val_fraction"] == "0.1" and int(r.data.tags["val_rows"]) > 0
