@@ -97,7 +97,9 @@ def test_study_runs_the_grid_writes_the_table_and_resumes(teacher_run, tiny_over
     monkeypatch.setattr(teachers, "put", lambda state: puts.append(1) or original(state))
     # The logit baselines and the feature methods (issue 22: a digits study with kd, fitnet, at and crd).
     methods = "".join(f"  {m}: {{name: {m}}}\n" for m in FEATURE_STUDY_METHODS)
-    loaded = study.load_study(write_spec(tmp_path, methods=methods, seeds="[1]"), tiny_overrides)
+    # One worker a trial: data-parallel feature methods have their own tests (test_pipeline), and a second
+    # worker would cost each of the five trials a process.
+    loaded = study.load_study(write_spec(tmp_path, methods=methods, seeds="[1]"), tiny_overrides + ["train.workers=1"])
     summary = study.run_study(loaded)
     assert len(puts) == 1, "the pair's teacher was put into the object store once"
     assert not summary["errors"] and len(summary["rows"]) == len(FEATURE_STUDY_METHODS)

@@ -218,6 +218,9 @@ def train(
 ) -> Outcome:
     """Run one training job end to end and log it as one MLflow run.
 
+    ``config``: a resolved config, validated where it was made (``config.load``, ``config.with_method``,
+    ``search_space.apply``); not validated again here.
+
     ``teacher``: an already shared teacher (a sweep shares one across trials); otherwise the
     config's ``teacher.source`` is loaded here. ``callbacks``: Ray Train callbacks (a Tune trial
     passes the one that forwards each epoch's report to Tune). ``verify_data``: checksum the dataset
@@ -226,7 +229,6 @@ def train(
     """
     from pipeline.tracking.epoch_logger import UNLOGGED_FILE, EpochLogger  # imports ray.train
 
-    config = config_lib.validate(config)
     phases = Phases()
     called = time.perf_counter()
     if parent_run_id is None and resume_run_id is None and config["train"]["run_name"]:
