@@ -126,10 +126,14 @@ def test_evaluation_every_n_epochs_and_always_the_last(ray_session, mlflow_uri, 
 def test_distill_with_registered_teacher(teacher_run, mlflow_uri, tiny_overrides):
     cfg = config.load("test_tiny", tiny_overrides + [
         "method.name=stkd", "teacher.source=teacher-test-digits", "method.mixup_alpha=0.4", "optim.epochs=1",
-        "data.in_memory=false"])  # the streaming Ray Data path: equal train shards, equal steps per worker
+        "data.in_memory=false",  # the streaming Ray Data path: equal train shards, equal steps per worker
+        "train.channels_last=false"])  # channels_last reorders (copies) a teacher's convolutions on each worker
     outcome = run.train(cfg)
     r = client(mlflow_uri).get_run(outcome.run_id)
     assert r.info.status == "FINISHED"
+    # In the real worker loop (rank 0's report): the teacher's tensors are views of the one object the driver
+    # put into the object store, not copies.
+    assert r.data.tags["hardware.teacher_weights"] == "zero-copy"
     assert r.data.tags["teacher_uri"].startswith("models:/teacher-test-digits/")
     # The driver measures the teacher in one pass, the workers in shards of another batch shape: the last
     # bits of a near-tied image's logits may differ, so the two accuracies agree within one image.
@@ -251,44 +255,6 @@ def test_fresh_runs_never_resume_each_other(ray_session, mlflow_uri, tiny_overri
     a = config.new_run_name(config.load("test_tiny", tiny_overrides))
     b = config.new_run_name(config.load("test_tiny", tiny_overrides))
     assert a != b
-
-
-def shared_teacher_probe(ctx):
-    """Runs in each Ray Train worker: build the teacher from the shared object, record whether its
-    tensors are views of the object store's buffers."""
-    import json
-
-    import ray
-    import ray.train
-
-    shared = ray.get(ctx["ref"])
-    teacher = teachers.build(shared["spec"], shared["arrays"])
-    views = all(
-        p.data_ptr() == shared["arrays"][name].ctypes.data and not shared["arrays"][name].flags.writeable
-        for name, p in teacher.state_dict().items()
-    )
-    rank = ray.train.get_context().get_world_rank()
-    Path(ctx["out"], f"rank{rank}.json").write_text(json.dumps({
-        "views": views, "training": teacher.training, "grad": any(p.requires_grad for p in teacher.parameters()),
-        "object_id": ctx["ref"].hex()}))
-
-
-def test_teacher_reaches_workers_as_one_shared_object(ray_session, teacher_run, mlflow_uri, tmp_path):
-    import json
-
-    from ray import cloudpickle
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    state, _ = teachers.fetch(teacher_run.checkpoint_path, mlflow_uri)
-    ref = teachers.put(state)
-    trainer = TorchTrainer(shared_teacher_probe, train_loop_config={"ref": ref, "out": str(tmp_path)},
-                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}))
-    trainer.fit()
-    for rank in (0, 1):
-        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert seen == {"views": True, "training": False, "grad": False, "object_id": ref.hex()}
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):

@@ -115,3 +115,18 @@ def test_a_version_measured_on_the_same_dataset_gives_its_accuracy_without_a_sec
     assert teachers.recorded_accuracy(f"models:/{name}/{version}", "digest-b", uri) is None
     assert teachers.recorded_accuracy("/some/checkpoint", "digest-a", uri) is None
     assert teachers.recorded_accuracy(f"models:/{name}/{add()}", "digest-a", uri) is None
+
+
+def test_a_teacher_built_from_the_shared_arrays_says_whether_it_copied_them(digits_resnet8):
+    import torch
+
+    arrays = teachers.to_arrays(digits_resnet8)
+    for array in arrays.values():
+        array.flags.writeable = False  # as Ray returns them from its object store
+    spec = {"name": "resnet8", "num_classes": 10, "in_channels": 1}
+    teacher = teachers.build(spec, arrays)
+    assert teachers.holding(teacher, arrays) == "zero-copy"
+    # Reordering copies every convolution's weights; the rest stays shared.
+    convolutions = sum(t.dim() == 4 for t in digits_resnet8.values())
+    reordered = teacher.to(memory_format=torch.channels_last)
+    assert teachers.holding(reordered, arrays) == f"copied ({convolutions} of {len(digits_resnet8)} tensors)"

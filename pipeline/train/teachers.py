@@ -184,6 +184,14 @@ def build(spec: dict[str, Any], arrays: dict[str, np.ndarray], device: torch.dev
     return model.to(device)
 
 
+def holding(model: nn.Module, arrays: dict[str, np.ndarray]) -> str:
+    """How ``model`` holds the shared weights ``arrays``: ``zero-copy`` when every tensor is a view of its
+    array in the object store, else how many are copies (moved to a GPU, or reordered to channels_last)."""
+    state = model.state_dict()
+    copied = [k for k, t in state.items() if t.data_ptr() != arrays[k].ctypes.data]
+    return "zero-copy" if not copied else f"copied ({len(copied)} of {len(state)} tensors)"
+
+
 def put(state: dict[str, Any]):
     """``ray.put`` the teacher once: ``(spec, arrays)``; returns the ObjectRef every worker shares."""
     import ray

@@ -384,7 +384,7 @@ def set_up(ctx: dict[str, Any], rank: int, world: int) -> Worker:
                                             parallel_strategy_kwargs=ddp_kwargs(sync_bn))
     if train_cfg["compile"]:
         student = torch.compile(student)
-    teacher, teacher_name = shared_teacher(ctx.get("teacher_ref"), device, channels_last)
+    teacher, teacher_name, teacher_weights = shared_teacher(ctx.get("teacher_ref"), device, channels_last)
     # The feeds before the method: CRD's memory bank is sized by, and samples by, the training rows' labels.
     feeds = make_feeds(config, info, rank, world, device)
 
@@ -403,6 +403,8 @@ def set_up(ctx: dict[str, Any], rank: int, world: int) -> Worker:
     amp = precision.Precision.create(precision_name, device.type)
     hardware = {"hardware.precision": precision_name, "hardware.memory_format":
                 "channels_last" if channels_last else "contiguous", "hardware.device": precision.device_description(device)}
+    if teacher_weights is not None:  # the object store's copy shared, or this worker's own
+        hardware["hardware.teacher_weights"] = teacher_weights
     if rank == 0:
         log.debug("training in %s, %s, on %s", precision_name, hardware["hardware.memory_format"], hardware["hardware.device"])
 
@@ -428,16 +430,20 @@ def wrap_own_modules(method: methods.Method, wrap) -> None:
         setattr(method, name, wrap(module))
 
 
-def shared_teacher(teacher_ref, device: torch.device, channels_last: bool) -> tuple[torch.nn.Module | None, str | None]:
-    """The teacher from the one copy in Ray's object store, and its architecture's name ((None, None) for a
-    CE student)."""
+def shared_teacher(teacher_ref, device: torch.device,
+                   channels_last: bool) -> tuple[torch.nn.Module | None, str | None, str | None]:
+    """The teacher from the one copy in Ray's object store, its architecture's name, and how it holds the
+    shared weights (``teachers.holding``: zero-copy on the CPU in contiguous format; each worker's own copy
+    on a GPU or in channels_last); (None, None, None) for a CE student."""
     import ray
 
     if teacher_ref is None:
-        return None, None
+        return None, None, None
     shared = ray.get(teacher_ref)
     teacher = teacher_store.build(shared["spec"], shared["arrays"], device)
-    return (teacher.to(memory_format=torch.channels_last) if channels_last else teacher), shared["spec"]["name"]
+    if channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return teacher, shared["spec"]["name"], teacher_store.holding(teacher, shared["arrays"])
 
 
 def train_epoch(w: Worker, epoch: int) -> dict[str, float]:
