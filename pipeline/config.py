@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import uuid
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "warmup_epochs": 0,
     },
     "train": {
-        "workers": 1,
+        "workers": 1,  # an int, or [min, max]: elastic (see worker_range)
         "use_gpu": False,
         "cpus_per_worker": 1.0,
         "gpus_per_worker": 1.0,
@@ -86,6 +87,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "data.path": (str,),
     "model.student": (str,),
     "teacher.source": (str, type(None)),
+    "train.workers": (int, list),
     "train.channels_last": (bool, str),
     "train.sync_bn": (bool, str),
     "train.run_name": (str, type(None)),
@@ -335,8 +337,9 @@ def check_keys(config: Any, defaults: dict[str, Any], prefix: str, problems: lis
 
 def check_values(config: dict[str, Any], problems: list[str]) -> None:
     optim, train = config["optim"], config["train"]
+    check_workers(train["workers"], problems)
     positive = {"optim.lr": optim["lr"], "optim.batch_size": optim["batch_size"], "optim.epochs": optim["epochs"],
-                "train.workers": train["workers"], "train.checkpoint_every": train["checkpoint_every"],
+                "train.checkpoint_every": train["checkpoint_every"],
                 "data.eval_batch_size": config["data"]["eval_batch_size"], "data.eval_every": config["data"]["eval_every"]}
     if config["train"]["stop_grace_s"] < 0:
         problems.append(f"train.stop_grace_s: must be >= 0 (seconds), got {config['train']['stop_grace_s']}")
@@ -346,9 +349,10 @@ def check_values(config: dict[str, Any], problems: list[str]) -> None:
     for key, value in positive.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
             problems.append(f"{key}: must be > 0, got {value}")
-    if isinstance(optim["batch_size"], int) and isinstance(train["workers"], int) and optim["batch_size"] < train["workers"]:
+    most = max_workers(train["workers"])
+    if isinstance(optim["batch_size"], int) and most and optim["batch_size"] < most:
         problems.append(f"optim.batch_size ({optim['batch_size']}) is the global batch and must be >= train.workers "
-                        f"({train['workers']})")
+                        f"({train['workers'] if most == train['workers'] else f'up to {most}'})")
     if not isinstance(optim["milestones"], list) or not all(isinstance(m, int) for m in optim["milestones"]):
         problems.append(f"optim.milestones: expected a list of epochs (integers), got {optim['milestones']!r}")
     for key in ("channels_last", "sync_bn"):
@@ -405,8 +409,8 @@ def check_precision(train: dict[str, Any], problems: list[str]) -> None:
 
 def check_gpus(train: dict[str, Any], problems: list[str]) -> None:
     """NCCL refuses two ranks of one job on the same GPU: fractional GPUs only for one-worker runs."""
-    workers, share = train["workers"], train["gpus_per_worker"]
-    if (train["use_gpu"] is True and isinstance(workers, int) and workers > 1
+    workers, share = max_workers(train["workers"]), train["gpus_per_worker"]
+    if (train["use_gpu"] is True and workers is not None and workers > 1
             and isinstance(share, (int, float)) and share < 1):
         problems.append(f"train.gpus_per_worker: {share} with train.workers={workers} would put two ranks of one run "
                         "on one GPU, which NCCL refuses (\"Duplicate GPU detected\"); use train.gpus_per_worker=1 "
@@ -424,28 +428,78 @@ def check_data_parallel(config: dict[str, Any], problems: list[str]) -> None:
     """SyncBatchNorm with ``torch.compile``, and a streamed global batch that does not divide over the workers.
 
     ``train.sync_bn`` counts as on when it is ``true``, or ``auto`` where it resolves on (GPUs, several workers,
-    a per-GPU batch below ``pipeline.data.feeds.SYNC_BN_BELOW``; ``pipeline.train.worker_loop.resolve_sync_bn``).
-    The streaming feed gives every worker ``optim.batch_size // train.workers`` rows a step; a batch that does
+    a per-GPU batch below ``pipeline.data.feeds.SYNC_BN_BELOW``; ``pipeline.train.worker_loop.resolve_sync_bn``)
+    at any world size the run may train at (``train.workers: [min, max]``: each from min to max).
+    The streaming feed gives every worker ``optim.batch_size // world size`` rows a step; a batch that does
     not divide would silently train with a smaller global batch than the learning rate was chosen for.
     """
     from pipeline.data.feeds import per_worker_batch, sync_bn_pays
 
     train, batch = config["train"], config["optim"]["batch_size"]
-    workers = train["workers"]
-    if not (isinstance(workers, int) and isinstance(batch, int)) or isinstance(batch, bool) or workers < 1:
+    span = worker_range(train["workers"])
+    if span is None or not isinstance(batch, int) or isinstance(batch, bool):
         return
-    sync_bn = train["sync_bn"] is True or (train["sync_bn"] == "auto" and train["use_gpu"] is True and workers > 1
-                                           and sync_bn_pays(per_worker_batch(batch, workers)))
-    if sync_bn and train["compile"] is True:
-        why = "" if train["sync_bn"] is True else (f" (auto: {per_worker_batch(batch, workers)} samples per GPU, "
-                                                   "where synchronizing pays)")
+    worlds = range(span[0], span[1] + 1)
+    auto = [w for w in worlds if train["sync_bn"] == "auto" and train["use_gpu"] is True and w > 1
+            and sync_bn_pays(per_worker_batch(batch, w))]
+    if (train["sync_bn"] is True or auto) and train["compile"] is True:
+        why = "" if train["sync_bn"] is True else (f" (auto: {per_worker_batch(batch, auto[-1])} samples per GPU "
+                                                   f"with {auto[-1]} workers, where synchronizing pays)")
         problems.append(f"train.sync_bn and train.compile: SyncBatchNorm is on{why}, and torch.compile does not "
                         "trace SyncBatchNorm's collectives; set train.sync_bn=false or train.compile=false")
-    if config["data"]["in_memory"] is False and workers > 1 and batch >= workers and batch % workers:
-        lower, upper = batch - batch % workers, batch - batch % workers + workers
-        problems.append(f"optim.batch_size: the global batch {batch} does not divide over train.workers={workers}, "
-                        f"and the streaming feed (data.in_memory=false) gives every worker the same batch; use "
-                        f"{lower} or {upper}")
+    uneven = [w for w in worlds if w > 1 and batch >= w and batch % w]
+    if config["data"]["in_memory"] is False and uneven:
+        step = math.lcm(*(w for w in worlds if w > 1))
+        lower, upper = batch - batch % step, batch - batch % step + step
+        over = f"train.workers={train['workers']}" + (f" ({uneven[0]} workers)" if span[0] != span[1] else "")
+        use = " or ".join(str(b) for b in (lower, upper) if b > 0)
+        problems.append(f"optim.batch_size: the global batch {batch} does not divide over {over}, and the streaming "
+                        f"feed (data.in_memory=false) gives every worker the same batch; use {use}")
+
+
+def worker_range(workers: Any) -> tuple[int, int] | None:
+    """``train.workers`` as ``(min, max)``: ``n`` is ``(n, n)``, ``[min, max]`` elastic; None when invalid."""
+    if isinstance(workers, int) and not isinstance(workers, bool):
+        return (workers, workers) if workers >= 1 else None
+    if (isinstance(workers, (list, tuple)) and len(workers) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) for w in workers) and 1 <= workers[0] <= workers[1]):
+        return workers[0], workers[1]
+    return None
+
+
+def max_workers(workers: Any) -> int | None:
+    """The most workers a run trains with (None when ``train.workers`` is invalid)."""
+    span = worker_range(workers)
+    return span[1] if span else None
+
+
+def scaling_workers(workers: int | list[int]) -> int | tuple[int, int]:
+    """``train.workers`` as Ray Train's ``ScalingConfig(num_workers=...)`` takes it: an int, or a
+    ``(min, max)`` tuple (elastic; a pair with min == max is the fixed group it describes)."""
+    low, high = worker_range(workers)
+    return low if low == high else (low, high)
+
+
+def workers_label(workers: int | list[int]) -> str:
+    """``2``, or ``1-2`` for an elastic range: the run's tag and log line."""
+    low, high = worker_range(workers) or (workers, workers)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def check_workers(workers: Any, problems: list[str]) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, (int, list)):
+        return  # check_keys reported the type
+    if isinstance(workers, int):
+        if workers < 1:
+            problems.append(f"train.workers: must be > 0, got {workers}")
+        return
+    if len(workers) != 2 or not all(isinstance(w, int) and not isinstance(w, bool) for w in workers):
+        problems.append(f"train.workers: a number of workers, or [min, max] (two integers) for an elastic group "
+                        f"that goes on with the workers left when a node is lost; got {workers!r}")
+    elif workers[0] < 1:
+        problems.append(f"train.workers: [min, max] needs min >= 1, got {workers}")
+    elif workers[0] > workers[1]:
+        problems.append(f"train.workers: [min, max] needs min <= max, got {workers}")
 
 
 def check_tune(tune: dict[str, Any], optim: dict[str, Any], problems: list[str]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,3 +142,12 @@ def marked(tag: str, also: str = "") -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def keep_if_failed(request, folder: Path, failures_before: int, what: str) -> None:
+    """At a fixture's end: ``folder`` (logs, state) kept and named when a test failed since
+    ``failures_before`` (``request.session.testsfailed`` at its start), removed otherwise."""
+    if request.session.testsfailed > failures_before:
+        sys.stderr.write(f"[e2e] {what} failed: logs kept in {folder}\n")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -40,6 +40,14 @@ def test_tiny_recipe_resolves_with_defaults(base, digits):
     ("data.val_fraction=-0.1", "data.val_fraction: must be in [0, 1), got -0.1"),
     ("optim.schedule=linear", "optim.schedule: expected one of multistep, cosine, got 'linear'"),
     ("optim.warmup_epochs=2", "optim.warmup_epochs: must be in [0, optim.epochs=2), got 2"),
+    ("train.workers=0", "train.workers: must be > 0, got 0"),
+    ("train.workers=[1]", "train.workers: a number of workers, or [min, max] (two integers)"),
+    ("train.workers=[1, 2, 3]", "got [1, 2, 3]"),
+    ("train.workers=[1, two]", "train.workers: a number of workers, or [min, max]"),
+    ("train.workers=[0, 2]", "train.workers: [min, max] needs min >= 1, got [0, 2]"),
+    ("train.workers=[3, 2]", "train.workers: [min, max] needs min <= max, got [3, 2]"),
+    ("train.workers=two", "train.workers: expected int or list"),
+    ("train.workers=true", "train.workers: expected int or list"),
 ])
 def test_invalid_values_get_one_clear_message(base, override, needle):
     with pytest.raises(ConfigError, match="invalid configuration") as info:
@@ -131,3 +139,38 @@ def test_run_names_say_method_teacher_student_and_seed():
     assert name.startswith("stkd-wrn_16_2-resnet8-s3-") and len(name) == len("stkd-wrn_16_2-resnet8-s3-") + 4
     assert config.run_label(cfg) == "stkd-resnet8-s3"
     assert config.new_run_name(config.merge(cfg, {"train": {"run_name": "fixed"}})) == "fixed"
+
+
+
+def test_an_elastic_range_resolves_to_ray_trains_min_max_tuple(base):
+    cfg = load(base, "train.workers=[1, 2]")
+    assert cfg["train"]["workers"] == [1, 2]
+    assert config.scaling_workers(cfg["train"]["workers"]) == (1, 2)
+    assert config.scaling_workers([2, 2]) == 2 and config.scaling_workers(3) == 3
+    assert config.worker_range(4) == (4, 4) and config.max_workers([1, 3]) == 3
+    assert config.workers_label([1, 2]) == "1-2" and config.workers_label(2) == "2"
+    assert config.flatten(cfg)["train.workers"] == [1, 2]
+
+
+def test_the_global_batch_must_cover_and_stream_evenly_over_every_size_of_an_elastic_range(base):
+    with pytest.raises(ConfigError, match=r"optim.batch_size \(2\) is the global batch and must be >= train.workers "
+                                          r"\(up to 3\)"):
+        load(base, "train.workers=[1, 3]", "optim.batch_size=2")
+    # In memory any batch deals out; streamed, it must divide by 2 and by 3.
+    load(base, "train.workers=[1, 3]", "optim.batch_size=64")
+    with pytest.raises(ConfigError, match=r"does not divide over train.workers=\[1, 3\] \(3 workers\).*use 60 or 66"):
+        load(base, "train.workers=[1, 3]", "optim.batch_size=64", "data.in_memory=false")
+    load(base, "train.workers=[1, 3]", "optim.batch_size=66", "data.in_memory=false")
+    load(base, "train.workers=[1, 2]", "optim.batch_size=64", "data.in_memory=false")
+
+
+def test_gpu_sharing_and_sync_bn_checks_count_the_largest_elastic_size(base):
+    with pytest.raises(ConfigError, match="would put two ranks of one run on one GPU"):
+        config.validate(config.merge(load(base), {"train": {"workers": [1, 2], "use_gpu": True,
+                                                             "gpus_per_worker": 0.5, "precision": "fp32"}}))
+    with pytest.raises(ConfigError, match=r"SyncBatchNorm is on \(auto: 16 samples per GPU with 4 workers"):
+        config.validate(config.merge(load(base), {"optim": {"batch_size": 64}, "train": {
+            "workers": [1, 4], "use_gpu": True, "compile": True, "precision": "fp32"}}))
+    # The same run on a fixed 1 worker has nothing to synchronize.
+    config.validate(config.merge(load(base), {"optim": {"batch_size": 64}, "train": {
+        "workers": 1, "use_gpu": True, "compile": True, "precision": "fp32"}}))

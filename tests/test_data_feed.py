@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.feeds import InMemoryFeed, global_batch_bounds, rank_slice
+from pipeline.data.feeds import InMemoryFeed, global_batch_bounds, per_worker_batch, rank_slice
 from pipeline.data.dataset import PreparedDataset
 
 
@@ -259,3 +259,21 @@ def test_ray_data_indices_exactly_once_per_epoch(ray_session, unique_images, tmp
         for r in per_rank:
             assert [by_index[i] for i in r[f"indices{epoch}"]] == r[f"digests{epoch}"], "each index with its image"
         carried_before = carried
+
+
+def test_the_global_batch_is_the_same_whatever_the_world_size(unique_images):
+    """An elastic run that goes on with fewer workers trains on the same global batches: the in-memory feed
+    deals each one out over the workers there are; the streaming feed's per-worker batch times the workers
+    is the global batch wherever the config check lets it run (it divides)."""
+    ds = PreparedDataset.open(unique_images)
+
+    def global_batches(world: int) -> list[list[str]]:
+        feeds = [InMemoryFeed.from_split(ds, "train", 16, rank, world, torch.device("cpu"), shuffle=True, seed=3)
+                 for rank in range(world)]
+        per_rank = [list(feed.batches(1)) for feed in feeds]
+        return [sorted(d for rank in per_rank for d in digest(rank[step][0])) for step in range(len(per_rank[0]))]
+
+    alone = global_batches(1)
+    assert len(alone) > 1 and global_batches(2) == alone and global_batches(3) == alone
+    for world in (1, 2, 4):
+        assert per_worker_batch(64, world) * world == 64

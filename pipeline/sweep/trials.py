@@ -24,11 +24,13 @@ SELECTED_VAL, SELECTED_TEST = "selected/val_top1", "selected/test_top1"  # repor
 
 
 def trial_resources(config: dict[str, Any]) -> dict[str, float]:
-    """What one trial's TorchTrainer reserves."""
+    """What one trial's TorchTrainer reserves (an elastic trial, ``train.workers: [min, max]``, at its largest:
+    trials at once are counted so that each can have all its workers)."""
     train = config["train"]
-    need = {"CPU": float(train["workers"] * train["cpus_per_worker"])}
+    workers = config_lib.max_workers(train["workers"])
+    need = {"CPU": float(workers * train["cpus_per_worker"])}
     if train["use_gpu"]:
-        need["GPU"] = float(train["workers"] * train["gpus_per_worker"])
+        need["GPU"] = float(workers * train["gpus_per_worker"])
     return need
 
 

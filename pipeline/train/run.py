@@ -181,7 +181,7 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
         info = loop_context["dataset_info"]
         val = (info["val_keys"], config["data"]["val_seed"]) if info["val_keys"] is not None else None
         with_indices = methods.method_class(config["method"]["name"]).needs_indices  # CRD's memory bank
-        datasets = ray_datasets(dataset, train_cfg["workers"], val, with_indices=with_indices,
+        datasets = ray_datasets(dataset, config_lib.max_workers(train_cfg["workers"]), val, with_indices=with_indices,
                                 val_positions=info["val_positions"])
         data_config = split_data_config()
     storage = storage_dir(config)
@@ -193,7 +193,8 @@ def make_trainer(config: dict[str, Any], loop_context: dict[str, Any], run_name:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_context,
-        scaling_config=ScalingConfig(num_workers=train_cfg["workers"], use_gpu=train_cfg["use_gpu"],
+        scaling_config=ScalingConfig(num_workers=config_lib.scaling_workers(train_cfg["workers"]),
+                                     use_gpu=train_cfg["use_gpu"],
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
@@ -248,8 +249,8 @@ def train(
         loop_context = {"config": config, "dataset_info": info, "teacher_ref": teacher.ref if teacher else None,
                         "mlflow_run_id": run_id, "tracking_uri": uri, "system_metrics": system_metrics.settings(),
                         "stop_file": f"{run_dir}/{stopping.STOP_FILE}"}
-        log.info("run %s: %s %s on %s with %d worker(s)", run_name, config["method"]["name"],
-                 config["model"]["student"], info["path"], config["train"]["workers"])
+        log.info("run %s: %s %s on %s with %s worker(s)", run_name, config["method"]["name"],
+                 config["model"]["student"], info["path"], config_lib.workers_label(config["train"]["workers"]))
         phases.add("mlflow_start", time.perf_counter() - start)
         epoch_logger = EpochLogger(uri, run_id)
         if resume_run_id:  # epochs the earlier attempt logged after its last checkpoint are trained again
@@ -302,7 +303,7 @@ def run_tags(config: dict[str, Any], info: dict[str, Any], teacher: Teacher | No
     """The run's MLflow tags. ``run_key``: what the same command, naming this run, finds it by
     (:func:`earlier_attempt`); None for a sweep's trial, which its sweep finds."""
     tags = {"method": config["method"]["name"], "student": config["model"]["student"], "dataset": info["path"],
-            "seed": str(config["train"]["seed"]), "workers": str(config["train"]["workers"]),
+            "seed": str(config["train"]["seed"]), "workers": config_lib.workers_label(config["train"]["workers"]),
             "train_rows": str(info["train_rows"]), "val_rows": str(info["val_rows"]), **(extra_tags or {})}
     if run_key is not None:
         tags[RUN_KEY_TAG] = run_key

@@ -199,6 +199,13 @@ def restore_rng(generators: dict[str, torch.Generator], rng: dict[str, Any], ran
 def make_feeds(config, info, rank, world, device):
     """Train, validation (None without a validation split) and test feeds for this worker.
 
+    ``world`` is the size of this worker group, read from Ray Train's context each time a group starts: an
+    elastic run (``train.workers: [min, max]``) restarted on fewer workers after losing a node gets it anew.
+    The global batch stays ``optim.batch_size`` at every size: the in-memory feed deals each global batch out
+    over the ``world`` workers (the same batches, in the same order, whatever the size), the streaming feed
+    gives each worker ``optim.batch_size / world`` rows a step (the config check makes it divide for every
+    size in the range). No gradient accumulation: each step is one all-reduce of the whole global batch.
+
     In memory: the memory check first (``pipeline.data.memory_check``: refuses, with the numbers, a split that
     this worker's GPU or host cannot hold), then the train split goes to the device once and the training
     and validation feeds take their rows from that one copy by index. Every shape the feeds give is one of a
@@ -466,8 +473,10 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, float]:
     total_seen = totals[-1]
     metrics = {f"loss/{k}": totals[i] / total_seen for i, k in enumerate(sums.names)}
     metrics["loss/total"] = sum(metrics.values())
+    # workers: the world size this epoch trained with (an elastic run, train.workers: [min, max], shows here
+    # when it went on with fewer); the global batch is optim.batch_size at every size (make_feeds).
     metrics.update({"train/acc": 100 * totals[-2] / total_seen, "lr": lr, "epoch_time_s": train_time,
-                    "images_per_s": total_seen / train_time, "epoch": epoch})
+                    "images_per_s": total_seen / train_time, "workers": w.world, "epoch": epoch})
     if w.amp.scaler is not None:
         metrics["fp16/skipped_steps"] = totals[-3]  # summed over workers: inf/nan gradients, step skipped
         metrics["fp16/loss_scale"] = w.amp.scaler.get_scale()

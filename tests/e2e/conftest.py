@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 try:
-    from tests.ray_nodes import port_block
+    from tests.ray_nodes import keep_if_failed, port_block
 except ImportError:  # tests/ on sys.path (pytest's default rootdir handling)
-    from ray_nodes import port_block
+    from ray_nodes import keep_if_failed, port_block
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "cluster" / "local"
@@ -167,10 +167,7 @@ def local_cluster(request) -> LocalCluster:
         out = subprocess.run(["bash", str(SCRIPTS / "stop.sh"), "--state", str(state)], cwd=REPO, env=script_env,
                              text=True, capture_output=True, timeout=180)
         sys.stderr.write(f"\n[e2e] stop.sh:\n{out.stdout}{out.stderr}")
-        if request.session.testsfailed > failures_before:
-            sys.stderr.write(f"[e2e] tests failed: logs kept in {state}\n")
-        else:
-            shutil.rmtree(state, ignore_errors=True)
+        keep_if_failed(request, state, failures_before, "tests")
 
     request.addfinalizer(stop)
     started = time.monotonic()
