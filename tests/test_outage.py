@@ -94,7 +94,7 @@ def stkd(args: list[str], server: Server, ray_session, log: Path, **extra_env: s
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def wait_for_text(job: subprocess.Popen, log: Path, text: str, timeout: float = 120) -> None:
+def wait_for_text(job: subprocess.Popen, log: Path, text: str, timeout: float = 300) -> None:
     """Until ``text`` (a regular expression) appears in the job's output."""
     deadline = time.monotonic() + timeout
     while not re.search(text, log.read_text()):
