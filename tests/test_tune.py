@@ -225,3 +225,31 @@ def test_a_resumed_asha_compares_later_trials_with_the_rungs_from_before_the_sto
     forgetful = asha(None)
     forgetful.on_trial_add(None, late)
     assert forgetful.on_trial_result(None, late, {"epochs_done": 2, "val/top1": 60.0}) == "CONTINUE"
+
+
+@pytest.mark.parametrize("trial_ended_its_run", [True, False])
+def test_closing_trial_runs_beside_a_trial_that_tags_its_own_end(tmp_path, monkeypatch, trial_ended_its_run):
+    """A stop signal reaches the sweep's driver and its trials at once: the driver's closing of a trial run and
+    the trial's own end can write the run's end_reason at the same moment, and MLflow's SQL store then fails the
+    second insert on the tag's unique key (seen in test_stopping's tune case: the driver ended in a traceback).
+    The trial's own reason stands, and the run ends KILLED either way."""
+    from mlflow.exceptions import MlflowException
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = c.create_experiment("race")
+    parent = c.create_run(experiment).info.run_id
+    child = c.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+    set_tag = mlflow.MlflowClient.set_tag
+
+    def at_the_same_moment(self, run_id, key, value, *args, **kwargs):
+        set_tag(self, run_id, key, "stopped by SIGTERM after epoch 2 of 6")  # the trial's process, first
+        if trial_ended_its_run:
+            self.set_terminated(run_id, "KILLED")
+        raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: tags.key, tags.run_uuid")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", at_the_same_moment)
+    trials.close_trial_runs(uri, "race", parent, epochs=6)
+    run = c.get_run(child)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["end_reason"] == "stopped by SIGTERM after epoch 2 of 6"

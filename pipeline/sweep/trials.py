@@ -276,7 +276,15 @@ def close_trial_runs(uri: str, experiment: str, parent_run_id: str, epochs: int)
         done = len(c.get_metric_history(child.info.run_id, "test/top1"))
         reason = (f"stopped early by the scheduler ({stopped}) after {done} of {epochs} epochs" if stopped
                   else f"sweep ended while the trial was running, after {done} of {epochs} epochs")
-        c.set_tag(child.info.run_id, "end_reason", reason)
+        try:
+            c.set_tag(child.info.run_id, "end_reason", reason)
+        except Exception as e:
+            if not tracking.is_unique_key_race(e):
+                raise
+            # The trial's own process tagged its end at this moment (a stop signal reaches both): its reason
+            # stands. It ends its run too; end it here only if it has not.
+            if c.get_run(child.info.run_id).info.status != "RUNNING":
+                continue
         c.set_terminated(child.info.run_id, "KILLED")
 
 

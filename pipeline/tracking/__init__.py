@@ -146,13 +146,18 @@ def log_dataset(run_id: str, name: str, path: str, digest: str, profile: dict[st
     try:
         mlflow.log_input(dataset, context="training")
     except MlflowException as e:
-        # MLflow's SQL store looks the dataset up, then inserts it: two runs of one experiment logging the
-        # same new dataset at once (a sweep's first trials) can both insert, and the second fails on the
-        # unique key (seen in test_stopping's study). The row is there now: once more links it to this run.
-        if not any(text in str(e) for text in ("IntegrityError", "UniqueViolation", "UNIQUE constraint")):
+        # Two runs of one experiment logging the same new dataset at once (a sweep's first trials; seen in
+        # test_stopping's study). The row is there now: once more links it to this run.
+        if not is_unique_key_race(e):
             raise
         log.info("dataset %s was being logged by another run at the same moment; logging it again", name)
         mlflow.log_input(dataset, context="training")
+
+
+def is_unique_key_race(error: Exception) -> bool:
+    """MLflow's SQL store looks a row up, then inserts it (a dataset, a tag): two processes writing the same
+    new row at once can both insert, and the second fails on the unique key. The row exists afterwards."""
+    return any(text in str(error) for text in ("IntegrityError", "UniqueViolation", "UNIQUE constraint"))
 
 
 STOP_TAGS = frozenset({"end_reason", "continue_with"})
